@@ -1,0 +1,240 @@
+//! Where models live on the inference host.
+//!
+//! ```text
+//! DIR/resnet50/@int8                  -> .int8/3f2a…   (symlink, swapped atomically)
+//! DIR/resnet50/.int8/3f2a…/           the files of revision 3f2a…, complete and verified
+//! DIR/resnet50/.int8/3f2a….json       its manifest (sizes, chunk BLAKE3, SHA-256)
+//! DIR/resnet50/.int8/9c41….partial/   a download in progress
+//! DIR/resnet50/.int8/9c41….progress.json   how far it got, for resuming
+//! DIR/org/minilm/@original            -> .original/…
+//! ```
+//!
+//! Name segments never start with `.` and never contain `@`, so `@VARIANT` links and
+//! `.VARIANT` stores cannot collide with another model's folders: `a:int8` lives at
+//! `DIR/a/@int8`, a model named `a/int8` at `DIR/a/int8/@original`.
+
+use std::path::{Path, PathBuf};
+
+use modelcache_proto::Reference;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// The manifest kept beside each complete revision.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalManifest {
+    pub name: String,
+    pub variant: String,
+    pub revision: String,
+    pub chunk_size: u64,
+    pub files: Vec<LocalFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalFile {
+    pub path: String,
+    pub size: u64,
+    /// Hex BLAKE3 of each chunk, as verified while receiving.
+    pub chunk_blake3: Vec<String>,
+    /// Hex SHA-256 of the file, when the node knew it.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+impl LocalManifest {
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// A model present locally.
+#[derive(Clone, Debug)]
+pub struct LocalModel {
+    pub reference: Reference,
+    pub revision: String,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn model_dir(&self, r: &Reference) -> PathBuf {
+        r.name()
+            .split('/')
+            .fold(self.root.clone(), |p, s| p.join(s))
+    }
+
+    /// The stable path of (name, variant): a symlink to the current revision.
+    pub fn link(&self, r: &Reference) -> PathBuf {
+        self.model_dir(r).join(format!("@{}", r.variant()))
+    }
+
+    pub fn store(&self, r: &Reference) -> PathBuf {
+        self.model_dir(r).join(format!(".{}", r.variant()))
+    }
+
+    pub fn revision_dir(&self, r: &Reference, rev: &str) -> PathBuf {
+        self.store(r).join(rev)
+    }
+
+    pub fn partial_dir(&self, r: &Reference, rev: &str) -> PathBuf {
+        self.store(r).join(format!("{rev}.partial"))
+    }
+
+    pub fn progress_file(&self, r: &Reference, rev: &str) -> PathBuf {
+        self.store(r).join(format!("{rev}.progress.json"))
+    }
+
+    pub fn manifest_file(&self, r: &Reference, rev: &str) -> PathBuf {
+        self.store(r).join(format!("{rev}.json"))
+    }
+
+    /// The revision the link points at, with its manifest.
+    pub fn current(&self, r: &Reference) -> Option<LocalManifest> {
+        let target = std::fs::read_link(self.link(r)).ok()?;
+        let rev = target.file_name()?.to_str()?.to_owned();
+        self.read_manifest(r, &rev).ok()
+    }
+
+    pub fn read_manifest(&self, r: &Reference, rev: &str) -> Result<LocalManifest> {
+        let path = self.manifest_file(r, rev);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Corrupt {
+            reference: r.to_string(),
+            detail: format!("{} is not a valid manifest: {e}", path.display()),
+        })
+    }
+
+    pub fn write_manifest(&self, r: &Reference, manifest: &LocalManifest) -> Result<()> {
+        let path = self.manifest_file(r, &manifest.revision);
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(manifest).expect("manifest serializes"),
+        )
+    }
+
+    /// Whether every file of `manifest` is present in its revision dir with its size.
+    pub fn is_complete(&self, r: &Reference, manifest: &LocalManifest) -> bool {
+        let dir = self.revision_dir(r, &manifest.revision);
+        manifest.files.iter().all(|f| {
+            std::fs::symlink_metadata(dir.join(&f.path))
+                .is_ok_and(|m| m.is_file() && m.len() == f.size)
+        })
+    }
+
+    /// Points the link at `rev`: a new symlink renamed over the old one, so readers see the
+    /// old revision or the new one, never a mix.
+    pub fn publish(&self, r: &Reference, rev: &str) -> Result<PathBuf> {
+        let link = self.link(r);
+        let tmp = link.with_file_name(format!(".@{}.{}.tmp", r.variant(), std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let target = PathBuf::from(format!(".{}", r.variant())).join(rev);
+        std::os::unix::fs::symlink(&target, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(|e| AgentError::io(format!("publishing {}", link.display()), e))?;
+        Ok(link)
+    }
+
+    /// Removes revisions other than `keep` (and other downloads in progress); the
+    /// previous revision stays for readers that still have it open when `keep_previous`.
+    pub fn prune(&self, r: &Reference, keep: &[&str]) {
+        let Ok(entries) = std::fs::read_dir(self.store(r)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rev = name
+                .trim_end_matches(".partial")
+                .trim_end_matches(".progress.json")
+                .trim_end_matches(".json");
+            if keep.contains(&rev) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+
+    /// Removes a model variant entirely; true if something was there.
+    pub fn remove(&self, r: &Reference) -> Result<bool> {
+        let link = self.link(r);
+        let store = self.store(r);
+        let existed = link.symlink_metadata().is_ok() || store.exists();
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link)
+                .map_err(|e| AgentError::io(format!("removing {}", link.display()), e))?;
+        }
+        if store.exists() {
+            std::fs::remove_dir_all(&store)
+                .map_err(|e| AgentError::io(format!("removing {}", store.display()), e))?;
+        }
+        // Drop folders left empty, up to the root.
+        let mut dir = self.model_dir(r);
+        while dir != self.root && std::fs::remove_dir(&dir).is_ok() {
+            dir.pop();
+        }
+        Ok(existed)
+    }
+
+    /// Every model variant with a published revision.
+    pub fn list(&self) -> Vec<LocalModel> {
+        let mut out = Vec::new();
+        self.walk(&self.root, &mut Vec::new(), &mut out);
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        out
+    }
+
+    fn walk(&self, dir: &Path, segments: &mut Vec<String>, out: &mut Vec<LocalModel>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if let Some(variant) = name.strip_prefix('@') {
+                let Ok(reference) = Reference::new(&segments.join("/"), variant) else {
+                    continue;
+                };
+                if let Some(manifest) = self.current(&reference) {
+                    out.push(LocalModel {
+                        path: self.link(&reference),
+                        size: manifest.total_size(),
+                        revision: manifest.revision,
+                        reference,
+                    });
+                }
+            } else if !name.starts_with('.') && meta.is_dir() {
+                segments.push(name);
+                self.walk(&entry.path(), segments, out);
+                segments.pop();
+            }
+        }
+    }
+}
+
+/// Writes a file through a temporary sibling and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+}

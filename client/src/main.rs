@@ -1,0 +1,220 @@
+//! `cache-agent`: the command line on each inference host.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cache_agent::{Agent, AgentError, Progress};
+use clap::{Parser, Subcommand};
+use modelcache_proto::Reference;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cache-agent",
+    version,
+    about = "Prefetch models from modelcache nodes into verified local directories"
+)]
+struct Cli {
+    /// Cache node addresses, tried in order (`http://host:port,…`).
+    #[arg(long, env = "CACHE_AGENT_NODE", value_delimiter = ',', default_value = cache_agent::node::DEFAULT_NODE)]
+    node: Vec<String>,
+
+    /// Where models are kept (default: the platform cache dir, e.g. ~/.cache/modelcache).
+    #[arg(long, env = "CACHE_AGENT_DIR")]
+    dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Fetch models into DIR, verified; prints each model's local directory.
+    Prefetch {
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Like prefetch of one model, for scripts: prints its directory.
+    Get {
+        /// Print the path of the model's only weight file instead.
+        #[arg(long)]
+        weights: bool,
+        reference: String,
+    },
+    /// Re-check local copies against their manifests.
+    Verify {
+        /// Also re-check each file's SHA-256.
+        #[arg(long)]
+        sha256: bool,
+        reference: Option<String>,
+    },
+    /// List models present locally.
+    Ls,
+    /// Show a model's manifest on the node.
+    Stat { reference: String },
+    /// Remove a local model.
+    Rm { reference: String },
+    /// List the models the cluster offers.
+    Models,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cache-agent: {e}");
+            match e {
+                AgentError::InvalidReference(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn parse_all(references: &[String]) -> Result<Vec<Reference>, AgentError> {
+    references
+        .iter()
+        .map(|r| Reference::parse(r).map_err(AgentError::from))
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<(), AgentError> {
+    let dir = cli.dir.unwrap_or_else(Agent::default_dir);
+    let dir =
+        std::path::absolute(&dir).map_err(|e| AgentError::io(format!("{}", dir.display()), e))?;
+    let agent = Agent::new(cli.node, dir);
+    match cli.command {
+        Command::Prefetch { references } => {
+            let references = parse_all(&references)?;
+            let progress = Progress::auto();
+            for r in &references {
+                let fetched = agent.prefetch(r, &progress).await?;
+                println!("{}", fetched.path.display());
+            }
+        }
+        Command::Get { weights, reference } => {
+            let r = Reference::parse(&reference)?;
+            let path = agent.get(&r, weights, &Progress::auto()).await?;
+            println!("{}", path.display());
+        }
+        Command::Verify { sha256, reference } => {
+            let r = reference.as_deref().map(Reference::parse).transpose()?;
+            let reports = agent.verify(r.as_ref(), sha256).await?;
+            let mut bad = 0;
+            for report in &reports {
+                for p in &report.problems {
+                    eprintln!("{}: {}: {}", report.reference, p.path, p.detail);
+                }
+                let sha = if sha256 {
+                    format!(
+                        ", sha256 {} checked, {} not known yet",
+                        report.sha256_checked,
+                        report.sha256_unknown.len()
+                    )
+                } else {
+                    String::new()
+                };
+                let verdict = if report.problems.is_empty() {
+                    "ok"
+                } else {
+                    "CORRUPT"
+                };
+                println!(
+                    "{verdict}\t{}\t{}\t{} files{sha}",
+                    report.reference, report.revision, report.files
+                );
+                bad += usize::from(!report.problems.is_empty());
+            }
+            if bad > 0 {
+                return Err(AgentError::Corrupt {
+                    reference: format!("{bad} model(s)"),
+                    detail: "failed verification; `cache-agent rm` and prefetch them again".into(),
+                });
+            }
+        }
+        Command::Ls => {
+            for m in agent.ls() {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    m.reference,
+                    m.revision,
+                    bytesize::ByteSize(m.size),
+                    m.path.display()
+                );
+            }
+        }
+        Command::Stat { reference } => {
+            let r = Reference::parse(&reference)?;
+            let m = agent.stat(&r).await?;
+            println!("model     {}:{}", m.name, m.variant);
+            println!(
+                "revision  {}{}",
+                m.revision,
+                if m.stale {
+                    format!(" (stale: {})", m.stale_reason)
+                } else {
+                    String::new()
+                }
+            );
+            println!(
+                "size      {} in {} files",
+                bytesize::ByteSize(m.total_size),
+                m.files.len()
+            );
+            if let Some(t) = m.tiers {
+                println!(
+                    "tiers     memory {}/{} chunks, disk {}/{} chunks",
+                    t.memory_chunks, t.total_chunks, t.disk_chunks, t.total_chunks
+                );
+            }
+            for f in &m.files {
+                let sha = if f.sha256.is_empty() {
+                    "(sha256 pending)"
+                } else {
+                    f.sha256.as_str()
+                };
+                println!("{sha}  {:>12}  {}", f.size, f.path);
+            }
+        }
+        Command::Rm { reference } => {
+            let r = Reference::parse(&reference)?;
+            if !agent.rm(&r)? {
+                return Err(AgentError::NotPresent {
+                    reference: r.to_string(),
+                    dir: agent.layout().root().display().to_string(),
+                });
+            }
+        }
+        Command::Models => {
+            for m in agent.models().await? {
+                let cached: Vec<String> = m
+                    .cached
+                    .iter()
+                    .map(|c| {
+                        let t = c.tiers.unwrap_or_default();
+                        format!(
+                            "{} ({} memory {}/{} disk {}/{})",
+                            c.variant,
+                            bytesize::ByteSize(c.total_size),
+                            t.memory_chunks,
+                            t.total_chunks,
+                            t.disk_chunks,
+                            t.total_chunks
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{}\t{}",
+                    m.name,
+                    if cached.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        cached.join(", ")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}

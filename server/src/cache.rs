@@ -1,0 +1,270 @@
+//! The chunk tiers: foyer's hybrid cache (memory + disk) holding fixed-size chunks.
+//!
+//! Every file is cut into `CHUNK_SIZE` chunks keyed by `ChunkKey` (a digest of the model,
+//! the file's path, size and origin ETag, and the chunk's index), so a model can be partly
+//! cached and an unchanged file is shared by successive revisions. foyer's defaults do not
+//! fit: it writes to disk only on eviction, skips entries above its block size, and drops
+//! entries when its flush queue is full. Here it writes on insertion, blocks are 8× the
+//! chunk size, the flush buffers are large, and `persist` re-enqueues whatever a full queue
+//! dropped, so that every chunk reaches the disk tier.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use bytes::Bytes;
+use foyer::{
+    BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    HybridCachePolicy, LruConfig, PsyncIoEngineConfig, RecoverMode, Source,
+};
+
+use crate::error::{Error, Result};
+use modelcache_proto::CHUNK_SIZE;
+
+/// Size of a foyer disk block: the largest entry it stores and the unit it evicts.
+const DISK_BLOCK_SIZE: usize = 8 * CHUNK_SIZE as usize;
+/// Flush buffer shared by the flushers; a full buffer drops entries.
+const FLUSH_BUFFER_SIZE: usize = 128 * 1024 * 1024;
+/// Entries waiting to be flushed beyond which foyer drops new ones.
+const SUBMIT_QUEUE_THRESHOLD: usize = 512 * 1024 * 1024;
+const FLUSHERS: usize = 4;
+
+/// Identifies one chunk of one file version: BLAKE3 of the model, path, size, ETag, index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey(pub [u8; 32]);
+
+impl ChunkKey {
+    pub fn new(name: &str, variant: &str, path: &str, size: u64, etag: &str, index: u64) -> Self {
+        let mut h = blake3::Hasher::new();
+        for part in [name, variant, path, etag] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&size.to_le_bytes());
+        h.update(&index.to_le_bytes());
+        Self(*h.finalize().as_bytes())
+    }
+}
+
+impl Code for ChunkKey {
+    fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
+        writer.write_all(&self.0).map_err(foyer::Error::io_error)
+    }
+
+    fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
+        let mut key = [0; 32];
+        reader
+            .read_exact(&mut key)
+            .map_err(foyer::Error::io_error)?;
+        Ok(Self(key))
+    }
+
+    fn estimated_size(&self) -> usize {
+        32
+    }
+}
+
+/// A chunk's bytes with the BLAKE3 digest computed when they came from the origin.
+#[derive(Clone, Debug)]
+pub struct ChunkValue {
+    pub digest: [u8; 32],
+    pub data: Bytes,
+}
+
+impl ChunkValue {
+    pub fn new(data: Bytes) -> Self {
+        Self {
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+        }
+    }
+
+    /// Whether the bytes still match the digest (they may not after a disk error).
+    pub fn is_intact(&self) -> bool {
+        blake3::hash(&self.data).as_bytes() == &self.digest
+    }
+}
+
+impl Code for ChunkValue {
+    fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
+        writer
+            .write_all(&self.digest)
+            .map_err(foyer::Error::io_error)?;
+        writer
+            .write_all(&(self.data.len() as u64).to_le_bytes())
+            .map_err(foyer::Error::io_error)?;
+        writer.write_all(&self.data).map_err(foyer::Error::io_error)
+    }
+
+    fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
+        let mut digest = [0; 32];
+        reader
+            .read_exact(&mut digest)
+            .map_err(foyer::Error::io_error)?;
+        let mut len = [0; 8];
+        reader
+            .read_exact(&mut len)
+            .map_err(foyer::Error::io_error)?;
+        let len = u64::from_le_bytes(len);
+        if len > CHUNK_SIZE {
+            return Err(foyer::Error::io_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("chunk entry claims {len} bytes"),
+            )));
+        }
+        let mut data = vec![0; len as usize];
+        reader
+            .read_exact(&mut data)
+            .map_err(foyer::Error::io_error)?;
+        Ok(Self {
+            digest,
+            data: Bytes::from(data),
+        })
+    }
+
+    fn estimated_size(&self) -> usize {
+        40 + self.data.len()
+    }
+}
+
+/// Where a chunk was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Disk,
+    Origin,
+}
+
+pub struct ChunkCache {
+    hybrid: HybridCache<ChunkKey, ChunkValue>,
+}
+
+impl ChunkCache {
+    pub async fn open(dir: &Path, memory_capacity: u64, disk_capacity: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating cache dir {}", dir.display()), e))?;
+        let device = FsDeviceBuilder::new(dir)
+            .with_capacity(disk_capacity as usize)
+            .build()
+            .map_err(|e| Error::Cache(format!("disk tier at {}: {e}", dir.display())))?;
+        let engine = BlockEngineConfig::new(device)
+            .with_block_size(DISK_BLOCK_SIZE)
+            .with_flushers(FLUSHERS)
+            .with_buffer_pool_size(FLUSH_BUFFER_SIZE)
+            .with_submit_queue_size_threshold(SUBMIT_QUEUE_THRESHOLD);
+        let hybrid = HybridCacheBuilder::new()
+            .with_name("modelcache-chunks")
+            .with_policy(HybridCachePolicy::WriteOnInsertion)
+            .with_flush_on_close(true)
+            .memory(memory_capacity as usize)
+            .with_eviction_config(LruConfig::default())
+            .with_weighter(|_key: &ChunkKey, value: &ChunkValue| value.data.len() + 64)
+            .storage()
+            .with_io_engine_config(PsyncIoEngineConfig::new())
+            .with_engine_config(engine)
+            .with_recover_mode(RecoverMode::Quiet)
+            .build()
+            .await
+            .map_err(|e| Error::Cache(format!("opening tiers at {}: {e}", dir.display())))?;
+        Ok(Self { hybrid })
+    }
+
+    /// The chunk from memory, disk, or `fetch`; concurrent misses on one key share one
+    /// fetch.
+    pub async fn get_or_fetch<F>(&self, key: ChunkKey, fetch: F) -> Result<(ChunkValue, Tier)>
+    where
+        F: Future<Output = Result<ChunkValue>> + Send + 'static,
+    {
+        let fetch = async move { fetch.await.map_err(|e| SharedError(std::sync::Arc::new(e))) };
+        let entry = self
+            .hybrid
+            .get_or_fetch(&key, move || fetch)
+            .await
+            .map_err(unwrap_fetch_error)?;
+        let tier = match entry.source() {
+            Source::Memory => Tier::Memory,
+            Source::Disk => Tier::Disk,
+            Source::Outer => Tier::Origin,
+        };
+        Ok((entry.value().clone(), tier))
+    }
+
+    pub fn remove(&self, key: &ChunkKey) {
+        self.hybrid.remove(key);
+    }
+
+    pub fn in_memory(&self, key: &ChunkKey) -> bool {
+        self.hybrid.memory().contains(key)
+    }
+
+    pub fn on_disk(&self, key: &ChunkKey) -> bool {
+        self.hybrid.storage().may_contains(key)
+    }
+
+    /// Reads a chunk from the disk tier alone (tests use this to prove persistence).
+    pub async fn load_from_disk(&self, key: &ChunkKey) -> Result<Option<ChunkValue>> {
+        match self.hybrid.storage().load(key).await {
+            Ok(foyer::Load::Entry { value, .. }) => Ok(Some(value)),
+            Ok(foyer::Load::Piece { piece, .. }) => Ok(Some(piece.value().clone())),
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::Cache(e.to_string())),
+        }
+    }
+
+    /// Empties the memory tier (tests use it to force reads from disk).
+    pub fn clear_memory(&self) {
+        self.hybrid.memory().clear();
+    }
+
+    /// Makes sure every chunk in `keys` reached the disk tier: waits for the flushers, and
+    /// re-enqueues chunks that a full flush queue dropped while they are still in memory.
+    /// Returns how many chunks are still not on disk.
+    pub async fn persist(&self, keys: &[ChunkKey]) -> usize {
+        let storage = self.hybrid.storage();
+        let mut missing = keys.len();
+        for _round in 0..5 {
+            storage.wait().await;
+            missing = 0;
+            for key in keys {
+                if storage.may_contains(key) {
+                    continue;
+                }
+                missing += 1;
+                if let Some(entry) = self.hybrid.memory().get(key) {
+                    storage.enqueue(entry.piece(), true);
+                }
+            }
+            if missing == 0 {
+                break;
+            }
+        }
+        missing
+    }
+
+    /// Flushes the disk tier and stops its workers.
+    pub async fn close(&self) -> Result<()> {
+        self.hybrid
+            .close()
+            .await
+            .map_err(|e| Error::Cache(format!("closing tiers: {e}")))
+    }
+}
+
+/// foyer wraps a failed fetch in its own error; give the caller ours back.
+fn unwrap_fetch_error(err: foyer::Error) -> Error {
+    match err.downcast_ref::<SharedError>() {
+        Some(shared) => Error::Shared(shared.0.clone()),
+        None => Error::Cache(err.to_string()),
+    }
+}
+
+/// A fetch error handed to every waiter of one shared fetch.
+#[derive(Debug, Clone)]
+pub struct SharedError(pub std::sync::Arc<Error>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedError {}

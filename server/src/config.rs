@@ -1,0 +1,211 @@
+//! Node configuration: flags, `CACHE_NODE_*` environment variables, and `--config FILE`
+//! (TOML with the flags' names as keys). Precedence: flag, then environment, then file,
+//! then the default.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+
+use crate::error::{Error, Result};
+use crate::origin::S3Options;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "cache-node",
+    version,
+    about = "modelcache node: caches models from S3-compatible storage and streams them over gRPC"
+)]
+pub struct Config {
+    /// TOML file whose keys are these flags' long names (e.g. `origin = "s3://models"`).
+    #[arg(long, env = "CACHE_NODE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// gRPC address to listen on.
+    #[arg(long, env = "CACHE_NODE_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+
+    /// Where models come from: `s3://BUCKET[/PREFIX]`, `file:///abs/path` or a directory.
+    #[arg(long, env = "CACHE_NODE_ORIGIN", default_value = "./models")]
+    pub origin: String,
+
+    /// How long a cached revision is trusted before the model's folder is re-listed.
+    #[arg(long, env = "CACHE_NODE_REVALIDATE_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub revalidate_after: Duration,
+
+    /// Disk tier location.
+    #[arg(long, env = "CACHE_NODE_CACHE_DIR", default_value = "./cache-data")]
+    pub cache_dir: PathBuf,
+
+    /// Memory tier size (e.g. `1GiB`, `256MiB`).
+    #[arg(long, env = "CACHE_NODE_MEMORY_CAPACITY", default_value = "1GiB")]
+    pub memory_capacity: ByteSize,
+
+    /// Disk tier size.
+    #[arg(long, env = "CACHE_NODE_DISK_CAPACITY", default_value = "20GiB")]
+    pub disk_capacity: ByteSize,
+
+    /// Ranged origin GETs (and cache reads) in flight per transfer.
+    #[arg(long, env = "CACHE_NODE_ORIGIN_PARALLELISM", default_value_t = 16)]
+    pub origin_parallelism: usize,
+
+    /// S3 endpoint (else `AWS_ENDPOINT_URL`), e.g. `http://127.0.0.1:9000` for MinIO.
+    #[arg(long, env = "CACHE_NODE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 access key id (else `AWS_ACCESS_KEY_ID`).
+    #[arg(long, env = "CACHE_NODE_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+
+    /// S3 secret access key (else `AWS_SECRET_ACCESS_KEY`).
+    #[arg(long, env = "CACHE_NODE_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+
+    /// S3 region (else `AWS_REGION`).
+    #[arg(long, env = "CACHE_NODE_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// Allow plain-HTTP S3 endpoints (else `AWS_ALLOW_HTTP`).
+    #[arg(long, env = "CACHE_NODE_S3_ALLOW_HTTP")]
+    pub s3_allow_http: Option<bool>,
+
+    /// Log filter, `RUST_LOG` syntax.
+    #[arg(long, env = "CACHE_NODE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 60s, 5m)"))
+}
+
+impl Config {
+    /// Parses flags and environment (through clap) and then `--config FILE`.
+    pub fn from_args<I, T>(args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Self::command()
+            .try_get_matches_from(&args)
+            .map_err(|e| Error::Config(e.render().to_string()))?;
+        let first = Self::from_arg_matches(&matches).map_err(|e| Error::Config(e.to_string()))?;
+        let Some(file) = &first.config else {
+            return Ok(first);
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Error::io(format!("reading config {}", file.display()), e))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        let mut extended = args.clone();
+        for (key, value) in table {
+            let id = key.replace('-', "_");
+            if Self::command()
+                .get_arguments()
+                .all(|a| a.get_id() != id.as_str())
+                || id == "config"
+            {
+                return Err(Error::Config(format!(
+                    "{}: unknown key {key:?}",
+                    file.display()
+                )));
+            }
+            if matches.value_source(&id) != Some(ValueSource::DefaultValue)
+                && matches.value_source(&id).is_some()
+            {
+                continue;
+            }
+            let value = match value {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            extended.push(format!("--{}={value}", id.replace('_', "-")).into());
+        }
+        let matches = Self::command()
+            .try_get_matches_from(&extended)
+            .map_err(|e| Error::Config(format!("{}: {}", file.display(), e.render())))?;
+        Self::from_arg_matches(&matches).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Every environment variable the node reads.
+    pub fn env_vars() -> Vec<String> {
+        Self::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    pub fn s3_options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+            region: self.s3_region.clone(),
+            allow_http: self.s3_allow_http,
+        }
+    }
+
+    /// A configuration with defaults, for embedding and tests.
+    pub fn with_origin(origin: &str, cache_dir: &std::path::Path) -> Self {
+        let mut config = Self::from_args(["cache-node"]).expect("defaults parse");
+        config.origin = origin.to_owned();
+        config.cache_dir = cache_dir.to_owned();
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_what_flags_leave_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "origin = \"s3://models\"\nlisten = \"0.0.0.0:7171\"\nmemory-capacity = \"256MiB\"\n",
+        )
+        .unwrap();
+        let config = Config::from_args([
+            "cache-node",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9999",
+        ])
+        .unwrap();
+        assert_eq!(config.origin, "s3://models");
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.memory_capacity, ByteSize::mib(256));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "orgin = \"x\"\n").unwrap();
+        let err =
+            Config::from_args(["cache-node", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"orgin\""), "{err}");
+        let err = Config::from_args(["cache-node", "--revalidate-after", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        let vars = Config::env_vars();
+        assert!(vars.contains(&"CACHE_NODE_ORIGIN".to_owned()));
+        assert_eq!(
+            vars.len(),
+            Config::command()
+                .get_arguments()
+                .filter(|a| a.get_id() != "help" && a.get_id() != "version")
+                .count()
+        );
+    }
+}

@@ -1,0 +1,145 @@
+//! The node's error type, and the one place that maps it to gRPC status codes.
+
+use modelcache_proto::reference::{PathError, ReferenceError};
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
+
+    #[error("no model named {name:?} in origin {origin}{hint}")]
+    ModelNotFound {
+        name: String,
+        origin: String,
+        /// Either the models found below the name, or how to list them.
+        hint: String,
+    },
+
+    #[error("model {name:?} has no file {path:?}")]
+    FileNotFound { name: String, path: String },
+
+    #[error("offset {offset} is past the end of {path:?} ({size} bytes) in model {name:?}")]
+    OffsetOutOfRange {
+        name: String,
+        path: String,
+        offset: u64,
+        size: u64,
+    },
+
+    #[error("model {name:?} in origin {origin} is refused: {source}")]
+    UnsafeModelPath {
+        name: String,
+        origin: String,
+        source: PathError,
+    },
+
+    #[error(
+        "variant {variant:?} of model {name:?} is not available: this node serves the `original` \
+         variant only"
+    )]
+    VariantUnavailable { name: String, variant: String },
+
+    #[error(
+        "origin {origin} is unreachable and nothing of model {name:?} is cached: {detail}. \
+         Check the origin's address and that it is up"
+    )]
+    OriginUnavailable {
+        origin: String,
+        name: String,
+        detail: String,
+    },
+
+    #[error(
+        "origin {origin} refused this node's credentials: {detail}. Check the node's S3 access \
+         key, secret and region (AWS_* variables or --s3-* flags)"
+    )]
+    OriginDenied { origin: String, detail: String },
+
+    #[error(
+        "origin {origin} returned {got} bytes for bytes {start}..{end} of {name}/{path}; the \
+         transfer was cut short, retry"
+    )]
+    OriginTruncated {
+        origin: String,
+        name: String,
+        path: String,
+        start: u64,
+        end: u64,
+        got: u64,
+    },
+
+    #[error(
+        "{name}/{path} changed in origin {origin} while being read (ETag {expected} became \
+         {found}); fetch again to get the new revision"
+    )]
+    OriginChanged {
+        origin: String,
+        name: String,
+        path: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error(
+        "model {name:?} is at revision {current} on this node, not {requested}; restart the \
+         fetch to get the current revision"
+    )]
+    RevisionChanged {
+        name: String,
+        requested: String,
+        current: String,
+    },
+
+    #[error("origin {origin} failed: {detail}")]
+    Origin { origin: String, detail: String },
+
+    #[error("cache error: {0}")]
+    Cache(String),
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// One error seen by every waiter of a shared chunk fetch.
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The gRPC code clients act on.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidReference(_) => Code::InvalidArgument,
+            Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
+            Error::OffsetOutOfRange { .. } => Code::OutOfRange,
+            Error::UnsafeModelPath { .. } | Error::OriginDenied { .. } => Code::FailedPrecondition,
+            Error::VariantUnavailable { .. } => Code::Unimplemented,
+            Error::OriginUnavailable { .. } | Error::OriginTruncated { .. } => Code::Unavailable,
+            Error::OriginChanged { .. } | Error::RevisionChanged { .. } => Code::Aborted,
+            Error::Origin { .. } => Code::Unavailable,
+            Error::Shared(inner) => inner.code(),
+            Error::Cache(_) | Error::Config(_) | Error::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}

@@ -1,0 +1,309 @@
+//! A model revision: its files with sizes, ETags, chunk digests and SHA-256, and how it
+//! is saved next to the disk tier so that a restarted node can serve without the origin.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use modelcache_proto::{CHUNK_SIZE, chunk_count, v1};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::ChunkKey;
+use crate::error::{Error, Result};
+use crate::origin::OriginFile;
+
+pub struct FileRecord {
+    pub origin: OriginFile,
+    pub keys: Vec<ChunkKey>,
+    /// Filled in as chunks are read from the origin (or found in a saved manifest).
+    pub digests: Vec<OnceLock<[u8; 32]>>,
+    pub sha256: OnceLock<String>,
+}
+
+impl FileRecord {
+    fn new(name: &str, variant: &str, origin: OriginFile) -> Self {
+        let chunks = chunk_count(origin.size);
+        let keys = (0..chunks)
+            .map(|i| ChunkKey::new(name, variant, &origin.path, origin.size, &origin.etag, i))
+            .collect();
+        Self {
+            origin,
+            keys,
+            digests: (0..chunks).map(|_| OnceLock::new()).collect(),
+            sha256: OnceLock::new(),
+        }
+    }
+
+    pub fn chunk_range(&self, index: u64) -> std::ops::Range<u64> {
+        let start = index * CHUNK_SIZE;
+        start..(start + CHUNK_SIZE).min(self.origin.size)
+    }
+
+    fn all_digests(&self) -> Option<Vec<[u8; 32]>> {
+        self.digests.iter().map(|d| d.get().copied()).collect()
+    }
+}
+
+pub struct Revision {
+    pub name: String,
+    pub variant: String,
+    pub id: String,
+    pub files: Vec<FileRecord>,
+    pub total_size: u64,
+    pub total_chunks: u64,
+    /// Chunks whose digest is known; when it reaches `total_chunks` the model has been
+    /// read in full and its SHA-256 work can start.
+    known_chunks: AtomicU64,
+    /// Set once the background SHA-256 / persistence task has been started.
+    pub finishing: AtomicBool,
+}
+
+/// The revision of a file list: BLAKE3 over every path, size and ETag, in path order.
+pub fn revision_id(files: &[OriginFile]) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(&(f.path.len() as u64).to_le_bytes());
+        h.update(f.path.as_bytes());
+        h.update(&f.size.to_le_bytes());
+        h.update(&(f.etag.len() as u64).to_le_bytes());
+        h.update(f.etag.as_bytes());
+    }
+    h.finalize().to_hex()[..32].to_owned()
+}
+
+impl Revision {
+    /// A revision of `files`, reusing what `previous` knew of files that did not change.
+    pub fn new(name: &str, files: Vec<OriginFile>, previous: Option<&Revision>) -> Self {
+        let id = revision_id(&files);
+        let total_size = files.iter().map(|f| f.size).sum();
+        let variant = modelcache_proto::reference::ORIGINAL;
+        let files: Vec<FileRecord> = files
+            .into_iter()
+            .map(|f| {
+                let record = FileRecord::new(name, variant, f);
+                if let Some(old) =
+                    previous.and_then(|p| p.files.iter().find(|o| o.origin == record.origin))
+                {
+                    copy_known(old, &record);
+                }
+                record
+            })
+            .collect();
+        let total_chunks = files.iter().map(|f| f.keys.len() as u64).sum();
+        let rev = Self {
+            name: name.to_owned(),
+            variant: variant.to_owned(),
+            id,
+            files,
+            total_size,
+            total_chunks,
+            known_chunks: AtomicU64::new(0),
+            finishing: AtomicBool::new(false),
+        };
+        rev.recount();
+        rev
+    }
+
+    fn recount(&self) {
+        let known = self
+            .files
+            .iter()
+            .flat_map(|f| &f.digests)
+            .filter(|d| d.get().is_some())
+            .count();
+        self.known_chunks.store(known as u64, Ordering::Release);
+    }
+
+    /// Records a chunk's digest; true when this completed the model's digests.
+    pub fn record_digest(&self, file: usize, index: u64, digest: [u8; 32]) -> bool {
+        if self.files[file].digests[index as usize].set(digest).is_ok() {
+            return self.known_chunks.fetch_add(1, Ordering::AcqRel) + 1 == self.total_chunks;
+        }
+        false
+    }
+
+    /// Whether every chunk's digest is known (the model was read in full).
+    pub fn all_digests_known(&self) -> bool {
+        self.known_chunks.load(Ordering::Acquire) == self.total_chunks
+    }
+
+    pub fn file_index(&self, path: &str) -> Option<usize> {
+        self.files.iter().position(|f| f.origin.path == path)
+    }
+
+    pub fn chunk_keys(&self) -> Vec<ChunkKey> {
+        self.files
+            .iter()
+            .flat_map(|f| f.keys.iter().copied())
+            .collect()
+    }
+
+    pub fn has_all_sha256(&self) -> bool {
+        self.files.iter().all(|f| f.sha256.get().is_some())
+    }
+
+    pub fn to_proto(&self, stale_reason: Option<&str>, tiers: v1::TierPresence) -> v1::Manifest {
+        v1::Manifest {
+            name: self.name.clone(),
+            variant: self.variant.clone(),
+            revision: self.id.clone(),
+            chunk_size: CHUNK_SIZE,
+            files: self
+                .files
+                .iter()
+                .map(|f| v1::FileEntry {
+                    path: f.origin.path.clone(),
+                    size: f.origin.size,
+                    etag: f.origin.etag.clone(),
+                    chunk_blake3: f
+                        .all_digests()
+                        .map(|d| d.iter().map(|x| x.to_vec()).collect())
+                        .unwrap_or_default(),
+                    sha256: f.sha256.get().cloned().unwrap_or_default(),
+                })
+                .collect(),
+            total_size: self.total_size,
+            stale: stale_reason.is_some(),
+            stale_reason: stale_reason.unwrap_or_default().to_owned(),
+            tiers: Some(tiers),
+        }
+    }
+}
+
+fn copy_known(from: &FileRecord, to: &FileRecord) {
+    for (a, b) in from.digests.iter().zip(&to.digests) {
+        if let Some(d) = a.get() {
+            let _ = b.set(*d);
+        }
+    }
+    if let Some(s) = from.sha256.get() {
+        let _ = to.sha256.set(s.clone());
+    }
+}
+
+/// The on-disk form of a revision.
+#[derive(Serialize, Deserialize)]
+struct SavedRevision {
+    name: String,
+    revision: String,
+    files: Vec<SavedFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedFile {
+    path: String,
+    size: u64,
+    etag: String,
+    chunk_blake3: Vec<Option<String>>,
+    sha256: Option<String>,
+}
+
+/// Saved manifests, one JSON file per model under `CACHE_DIR/manifests/`.
+pub struct ManifestStore {
+    dir: PathBuf,
+}
+
+impl ManifestStore {
+    pub fn open(cache_dir: &std::path::Path) -> Result<Self> {
+        let dir = cache_dir.join("manifests");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        Ok(Self { dir })
+    }
+
+    fn file_for(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{}.json",
+            &blake3::hash(name.as_bytes()).to_hex()[..32]
+        ))
+    }
+
+    pub fn save(&self, rev: &Revision) -> Result<()> {
+        let saved = SavedRevision {
+            name: rev.name.clone(),
+            revision: rev.id.clone(),
+            files: rev
+                .files
+                .iter()
+                .map(|f| SavedFile {
+                    path: f.origin.path.clone(),
+                    size: f.origin.size,
+                    etag: f.origin.etag.clone(),
+                    chunk_blake3: f.digests.iter().map(|d| d.get().map(hex::encode)).collect(),
+                    sha256: f.sha256.get().cloned(),
+                })
+                .collect(),
+        };
+        let path = self.file_for(&rev.name);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Cache(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("saving manifest {}", path.display()), e))
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.file_for(name));
+    }
+
+    /// Every saved revision; unreadable files are skipped with a warning.
+    pub fn load_all(&self) -> Vec<Revision> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .and_then(restore)
+            {
+                Ok(rev) => out.push(rev),
+                Err(e) => tracing::warn!(path = %path.display(), "skipping saved manifest: {e}"),
+            }
+        }
+        out
+    }
+}
+
+fn restore(saved: SavedRevision) -> Result<Revision, String> {
+    modelcache_proto::Reference::parse(&saved.name).map_err(|e| e.to_string())?;
+    modelcache_proto::check_file_paths(saved.files.iter().map(|f| f.path.as_str()))
+        .map_err(|e| e.to_string())?;
+    let files: Vec<OriginFile> = saved
+        .files
+        .iter()
+        .map(|f| OriginFile {
+            path: f.path.clone(),
+            size: f.size,
+            etag: f.etag.clone(),
+        })
+        .collect();
+    let rev = Revision::new(&saved.name, files, None);
+    if rev.id != saved.revision {
+        return Err("revision does not match its file list".into());
+    }
+    for (record, saved) in rev.files.iter().zip(&saved.files) {
+        if saved.chunk_blake3.len() != record.digests.len() {
+            return Err(format!("{}: wrong number of chunk digests", saved.path));
+        }
+        for (slot, digest) in record.digests.iter().zip(&saved.chunk_blake3) {
+            if let Some(d) = digest {
+                let bytes: [u8; 32] = hex::decode(d)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| format!("{}: bad chunk digest", saved.path))?;
+                let _ = slot.set(bytes);
+            }
+        }
+        if let Some(s) = &saved.sha256 {
+            let _ = record.sha256.set(s.clone());
+        }
+    }
+    rev.recount();
+    Ok(rev)
+}

@@ -1,0 +1,347 @@
+//! The origin: an S3-compatible bucket or a local directory, read through `object_store`.
+//!
+//! A model is a folder under the origin's prefix that directly holds at least one file;
+//! every object below it belongs to the model. Reads are ranged GETs checked against the
+//! ETag the model's revision was built from.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{BackoffConfig, GetOptions, GetRange, ObjectStore, RetryConfig};
+
+use crate::error::{Error, Result};
+
+/// Connection settings for an S3 origin beyond what `AWS_*` variables give.
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub region: Option<String>,
+    pub allow_http: Option<bool>,
+}
+
+/// One object of a model, as listed by the origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginFile {
+    /// Path relative to the model's folder.
+    pub path: String,
+    pub size: u64,
+    pub etag: String,
+}
+
+/// Requests and bytes read from the origin, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct OriginCounters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub struct Origin {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// How the origin is named in messages, e.g. `s3://models` or `/srv/models`.
+    display: String,
+    pub counters: OriginCounters,
+}
+
+/// Retries of one origin request: a few quick ones, so that a dead origin is reported
+/// (or served around, stale-if-error) in about a second rather than minutes.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
+    }
+}
+
+impl Origin {
+    /// Opens `s3://BUCKET[/PREFIX]`, `file:///abs/path` or a plain directory path.
+    pub fn open(spec: &str, s3: &S3Options) -> Result<Self> {
+        if spec.starts_with("s3://") {
+            Self::open_s3(spec, s3)
+        } else {
+            let path = spec.strip_prefix("file://").unwrap_or(spec);
+            Self::open_local(std::path::Path::new(path))
+        }
+    }
+
+    fn open_s3(spec: &str, s3: &S3Options) -> Result<Self> {
+        let url = url::Url::parse(spec)
+            .map_err(|e| Error::Config(format!("origin {spec:?} is not a valid URL: {e}")))?;
+        let bucket = url
+            .host_str()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| Error::Config(format!("origin {spec:?} names no bucket")))?;
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry_config());
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(key) = &s3.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &s3.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        if let Some(region) = &s3.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(allow) = s3.allow_http {
+            builder = builder.with_allow_http(allow);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| Error::Config(format!("origin {spec}: {e}")))?;
+        let prefix = Path::from(url.path().trim_matches('/'));
+        Ok(Self::new(
+            Arc::new(store),
+            prefix,
+            spec.trim_end_matches('/'),
+        ))
+    }
+
+    fn open_local(dir: &std::path::Path) -> Result<Self> {
+        let dir = std::path::absolute(dir)
+            .map_err(|e| Error::io(format!("origin {}", dir.display()), e))?;
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "origin directory {} does not exist",
+                dir.display()
+            )));
+        }
+        let store = LocalFileSystem::new_with_prefix(&dir)
+            .map_err(|e| Error::Config(format!("origin {}: {e}", dir.display())))?;
+        Ok(Self::new(
+            Arc::new(store),
+            Path::default(),
+            &dir.display().to_string(),
+        ))
+    }
+
+    /// Wraps any `ObjectStore` (tests use this to count or break requests).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, display: &str) -> Self {
+        Self {
+            store,
+            prefix,
+            display: display.to_owned(),
+            counters: OriginCounters::default(),
+        }
+    }
+
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    fn model_prefix(&self, name: &str) -> Path {
+        name.split('/')
+            .fold(self.prefix.clone(), |path, segment| path.join(segment))
+    }
+
+    /// Lists the files of model `name`. A folder with no file of its own is not a model.
+    pub async fn list_model(&self, name: &str) -> Result<Vec<OriginFile>> {
+        let prefix = self.model_prefix(name);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.classify(name, e))?;
+        let mut files = Vec::with_capacity(objects.len());
+        for meta in objects {
+            let Some(rel) = meta.location.prefix_match(&prefix) else {
+                continue;
+            };
+            let path = rel
+                .map(|p| p.as_ref().to_owned())
+                .collect::<Vec<_>>()
+                .join("/");
+            if path.is_empty() {
+                continue;
+            }
+            files.push(OriginFile {
+                path,
+                size: meta.size,
+                etag: meta.e_tag.unwrap_or_default(),
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        if files.iter().any(|f| !f.path.contains('/')) {
+            return Ok(files);
+        }
+        let inside: BTreeSet<String> = files
+            .iter()
+            .filter_map(|f| {
+                f.path
+                    .rsplit_once('/')
+                    .map(|(dir, _)| format!("{name}/{dir}"))
+            })
+            .collect();
+        let hint = if inside.is_empty() {
+            "; `cache-agent models` lists the models it holds".to_owned()
+        } else {
+            let list: Vec<_> = inside.into_iter().take(20).collect();
+            format!(
+                "; {name:?} is a folder holding the models: {}",
+                list.join(", ")
+            )
+        };
+        Err(Error::ModelNotFound {
+            name: name.to_owned(),
+            origin: self.display.clone(),
+            hint,
+        })
+    }
+
+    /// Names of every model in the origin (folders that directly hold a file).
+    pub async fn list_models(&self) -> Result<Vec<String>> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let objects: Vec<_> = self
+            .store
+            .list(prefix)
+            .try_collect()
+            .await
+            .map_err(|e| self.classify("*", e))?;
+        let mut folders = BTreeSet::new();
+        for meta in objects {
+            let Some(rel) = meta.location.prefix_match(&self.prefix) else {
+                continue;
+            };
+            let parts: Vec<_> = rel.map(|p| p.as_ref().to_owned()).collect();
+            if parts.len() >= 2 {
+                let name = parts[..parts.len() - 1].join("/");
+                if modelcache_proto::Reference::parse(&name).is_ok() {
+                    folders.insert(name);
+                }
+            }
+        }
+        // A folder inside a model (`org/minilm/1_Pooling`) is part of that model.
+        let mut models: Vec<String> = Vec::new();
+        for folder in folders {
+            let inside_model = models.iter().any(|m| {
+                folder
+                    .strip_prefix(m.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            });
+            if !inside_model {
+                models.push(folder);
+            }
+        }
+        Ok(models)
+    }
+
+    /// Reads `range` of one file, checking that the bytes come from the listed ETag and
+    /// that the origin sent all of them.
+    pub async fn read_range(
+        &self,
+        name: &str,
+        file: &OriginFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        let location = file
+            .path
+            .split('/')
+            .fold(self.model_prefix(name), |p, s| p.join(s));
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .store
+            .get_opts(&location, options)
+            .await
+            .map_err(|e| self.classify(name, e))?;
+        let found = result.meta.e_tag.clone().unwrap_or_default();
+        if !file.etag.is_empty() && !found.is_empty() && found != file.etag {
+            return Err(Error::OriginChanged {
+                origin: self.display.clone(),
+                name: name.to_owned(),
+                path: file.path.clone(),
+                expected: file.etag.clone(),
+                found,
+            });
+        }
+        let truncated = |got: u64| Error::OriginTruncated {
+            origin: self.display.clone(),
+            name: name.to_owned(),
+            path: file.path.clone(),
+            start: range.start,
+            end: range.end,
+            got,
+        };
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| match self.classify(name, e) {
+                Error::Origin { .. } | Error::OriginUnavailable { .. } => truncated(0),
+                other => other,
+            })?;
+        self.counters
+            .bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(truncated(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
+    /// Turns an `object_store` error into one a caller can act on.
+    fn classify(&self, name: &str, err: object_store::Error) -> Error {
+        let origin = self.display.clone();
+        match err {
+            object_store::Error::NotFound { .. } => Error::ModelNotFound {
+                name: name.to_owned(),
+                origin,
+                hint: String::new(),
+            },
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => Error::OriginDenied {
+                origin,
+                detail: source.to_string(),
+            },
+            object_store::Error::Generic { source, .. } => Error::OriginUnavailable {
+                origin,
+                name: name.to_owned(),
+                detail: error_chain(source.as_ref()),
+            },
+            object_store::Error::InvalidPath { source } => Error::Origin {
+                origin,
+                detail: format!("it holds an object with an unusable path: {source}"),
+            },
+            other => Error::Origin {
+                origin,
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+/// An error and its sources on one line.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

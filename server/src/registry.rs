@@ -1,0 +1,429 @@
+//! The registry of models a node knows: resolving a name to its current revision
+//! (revalidating against the origin, stale-if-error), reading chunks through the tiers,
+//! and the background work that follows a full read (file SHA-256, disk persistence).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use modelcache_proto::{Reference, v1};
+use sha2::Digest;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::{ChunkCache, ChunkValue, Tier};
+use crate::error::{Error, Result};
+use crate::manifest::{ManifestStore, Revision};
+use crate::origin::Origin;
+
+/// Counters exposed for metrics and tests.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub memory_hits: AtomicU64,
+    pub disk_hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub corrupt_chunks: AtomicU64,
+}
+
+/// What a request resolved to.
+pub struct Resolved {
+    pub revision: Arc<Revision>,
+    /// Set when the origin could not be re-listed and a cached revision is served.
+    pub stale_reason: Option<String>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    current: Option<Arc<Revision>>,
+    validated_at: Option<Instant>,
+    stale_reason: Option<String>,
+}
+
+/// One model's state; `refresh` makes concurrent revalidations share one listing.
+#[derive(Default)]
+struct ModelSlot {
+    state: Mutex<SlotState>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+pub struct Registry {
+    origin: Arc<Origin>,
+    cache: Arc<ChunkCache>,
+    manifests: ManifestStore,
+    revalidate_after: Duration,
+    origin_parallelism: usize,
+    models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    background: TaskTracker,
+    cancel: CancellationToken,
+    /// Bounds background SHA-256 work so that serving keeps the cores.
+    hash_permits: Semaphore,
+    pub stats: NodeStats,
+}
+
+impl Registry {
+    pub fn new(
+        origin: Origin,
+        cache: ChunkCache,
+        manifests: ManifestStore,
+        revalidate_after: Duration,
+        origin_parallelism: usize,
+    ) -> Self {
+        let mut models = HashMap::new();
+        for rev in manifests.load_all() {
+            let name = rev.name.clone();
+            let slot = ModelSlot {
+                state: Mutex::new(SlotState {
+                    current: Some(Arc::new(rev)),
+                    ..SlotState::default()
+                }),
+                ..ModelSlot::default()
+            };
+            models.insert(name, Arc::new(slot));
+        }
+        Self {
+            origin: Arc::new(origin),
+            cache: Arc::new(cache),
+            manifests,
+            revalidate_after,
+            origin_parallelism: origin_parallelism.max(1),
+            models: Mutex::new(models),
+            background: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            hash_permits: Semaphore::new(1),
+            stats: NodeStats::default(),
+        }
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    pub fn origin_parallelism(&self) -> usize {
+        self.origin_parallelism
+    }
+
+    fn slot(&self, name: &str) -> Arc<ModelSlot> {
+        let mut models = self.models.lock().expect("registry lock poisoned");
+        models.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The revision to serve for `reference`, re-listing the origin when the cached one is
+    /// older than `revalidate_after`.
+    pub async fn resolve(self: &Arc<Self>, reference: &Reference) -> Result<Resolved> {
+        let resolved = self.resolve_name(reference.name()).await?;
+        if !reference.is_original() {
+            return Err(Error::VariantUnavailable {
+                name: reference.name().to_owned(),
+                variant: reference.variant().to_owned(),
+            });
+        }
+        Ok(resolved)
+    }
+
+    async fn resolve_name(self: &Arc<Self>, name: &str) -> Result<Resolved> {
+        let slot = self.slot(name);
+        if let Some(fresh) = self.fresh(&slot) {
+            return Ok(fresh);
+        }
+        let _refresh = slot.refresh.lock().await;
+        if let Some(fresh) = self.fresh(&slot) {
+            return Ok(fresh);
+        }
+        let listed = self.origin.list_model(name).await.and_then(|files| {
+            modelcache_proto::check_file_paths(files.iter().map(|f| f.path.as_str())).map_err(
+                |source| Error::UnsafeModelPath {
+                    name: name.to_owned(),
+                    origin: self.origin.display().to_owned(),
+                    source,
+                },
+            )?;
+            Ok(files)
+        });
+        let mut state = slot.state.lock().expect("slot lock poisoned");
+        match listed {
+            Ok(files) => {
+                let unchanged = state
+                    .current
+                    .as_ref()
+                    .filter(|cur| cur.id == crate::manifest::revision_id(&files))
+                    .cloned();
+                let revision = match unchanged {
+                    Some(cur) => cur,
+                    None => {
+                        let rev = Arc::new(Revision::new(name, files, state.current.as_deref()));
+                        if let Err(e) = self.manifests.save(&rev) {
+                            tracing::warn!(model = name, "could not save manifest: {e}");
+                        }
+                        tracing::info!(model = name, revision = %rev.id, "new revision");
+                        if rev.all_digests_known() && !rev.has_all_sha256() {
+                            self.finish_in_background(rev.clone());
+                        }
+                        rev
+                    }
+                };
+                state.current = Some(revision.clone());
+                state.validated_at = Some(Instant::now());
+                state.stale_reason = None;
+                Ok(Resolved {
+                    revision,
+                    stale_reason: None,
+                })
+            }
+            Err(e @ (Error::ModelNotFound { .. } | Error::UnsafeModelPath { .. })) => {
+                if state.current.take().is_some() {
+                    self.manifests.remove(name);
+                }
+                Err(e)
+            }
+            Err(e) => match state.current.clone() {
+                Some(revision) => {
+                    let reason = e.to_string();
+                    tracing::warn!(model = name, "serving cached revision: {reason}");
+                    state.validated_at = Some(Instant::now());
+                    state.stale_reason = Some(reason.clone());
+                    Ok(Resolved {
+                        revision,
+                        stale_reason: Some(reason),
+                    })
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn fresh(&self, slot: &ModelSlot) -> Option<Resolved> {
+        let state = slot.state.lock().expect("slot lock poisoned");
+        let validated = state.validated_at?;
+        if validated.elapsed() > self.revalidate_after {
+            return None;
+        }
+        Some(Resolved {
+            revision: state.current.clone()?,
+            stale_reason: state.stale_reason.clone(),
+        })
+    }
+
+    /// One chunk, from memory, disk or the origin; a chunk that fails its digest on disk
+    /// is dropped and read again from the origin.
+    pub async fn chunk(
+        self: &Arc<Self>,
+        rev: &Arc<Revision>,
+        file: usize,
+        index: u64,
+    ) -> Result<(ChunkValue, Tier)> {
+        let record = &rev.files[file];
+        let key = record.keys[index as usize];
+        for _attempt in 0..2 {
+            let fetch = {
+                let origin = self.origin.clone();
+                let name = rev.name.clone();
+                let origin_file = record.origin.clone();
+                let range = record.chunk_range(index);
+                async move {
+                    let data = origin.read_range(&name, &origin_file, range).await?;
+                    Ok(ChunkValue::new(data))
+                }
+            };
+            let (value, tier) = self.cache.get_or_fetch(key, fetch).await?;
+            let expected = record.digests[index as usize].get().copied();
+            let intact = match tier {
+                Tier::Disk => value.is_intact() && expected.is_none_or(|d| d == value.digest),
+                _ => expected.is_none_or(|d| d == value.digest),
+            };
+            if !intact {
+                tracing::warn!(
+                    model = %rev.name, path = %record.origin.path, chunk = index,
+                    ?tier, "chunk failed its digest; reading it again from the origin"
+                );
+                self.stats.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
+                self.cache.remove(&key);
+                continue;
+            }
+            if rev.record_digest(file, index, value.digest) {
+                self.finish_in_background(rev.clone());
+            }
+            let counter = match tier {
+                Tier::Memory => &self.stats.memory_hits,
+                Tier::Disk => &self.stats.disk_hits,
+                Tier::Origin => &self.stats.misses,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return Ok((value, tier));
+        }
+        Err(Error::Cache(format!(
+            "chunk {index} of {}/{} fails its digest after a fresh read",
+            rev.name, record.origin.path
+        )))
+    }
+
+    /// Reads every chunk of a model into the tiers; returns the bytes read from the origin.
+    pub async fn warm(self: &Arc<Self>, rev: &Arc<Revision>) -> Result<u64> {
+        let plan = chunk_plan(rev, 0, 0);
+        let origin_bytes = stream::iter(plan)
+            .map(|(f, i)| async move { self.chunk(rev, f, i).await })
+            .buffered(self.origin_parallelism)
+            .try_fold(0u64, |acc, (value, tier)| async move {
+                Ok(acc
+                    + if tier == Tier::Origin {
+                        value.data.len() as u64
+                    } else {
+                        0
+                    })
+            })
+            .await?;
+        Ok(origin_bytes)
+    }
+
+    /// How many chunks of `rev` each tier holds.
+    pub fn tiers(&self, rev: &Revision) -> v1::TierPresence {
+        let keys = rev.chunk_keys();
+        v1::TierPresence {
+            total_chunks: keys.len() as u64,
+            memory_chunks: keys.iter().filter(|k| self.cache.in_memory(k)).count() as u64,
+            disk_chunks: keys.iter().filter(|k| self.cache.on_disk(k)).count() as u64,
+        }
+    }
+
+    pub fn manifest(&self, resolved: &Resolved) -> v1::Manifest {
+        resolved.revision.to_proto(
+            resolved.stale_reason.as_deref(),
+            self.tiers(&resolved.revision),
+        )
+    }
+
+    /// After a model was read in full: compute each file's SHA-256 (once per revision, in
+    /// the background, one file at a time), make sure every chunk reached the disk tier,
+    /// and save the manifest with all digests.
+    pub fn finish_in_background(self: &Arc<Self>, rev: Arc<Revision>) {
+        if rev.finishing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        self.background.spawn(async move {
+            tokio::select! {
+                () = this.cancel.cancelled() => {
+                    rev.finishing.store(false, Ordering::Release);
+                }
+                result = this.finish(&rev) => if let Err(e) = result {
+                    tracing::warn!(model = %rev.name, "background digest failed: {e}");
+                    rev.finishing.store(false, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    async fn finish(self: &Arc<Self>, rev: &Arc<Revision>) -> Result<()> {
+        let _permit = self
+            .hash_permits
+            .acquire()
+            .await
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        for (f, record) in rev.files.iter().enumerate() {
+            if record.sha256.get().is_some() {
+                continue;
+            }
+            let mut hasher = sha2::Sha256::new();
+            for i in 0..record.keys.len() as u64 {
+                let (value, _) = self.chunk(rev, f, i).await?;
+                hasher = tokio::task::spawn_blocking(move || {
+                    hasher.update(&value.data);
+                    hasher
+                })
+                .await
+                .map_err(|e| Error::Cache(e.to_string()))?;
+            }
+            let _ = record.sha256.set(hex::encode(hasher.finalize()));
+        }
+        let missing = self.cache.persist(&rev.chunk_keys()).await;
+        if missing > 0 {
+            tracing::warn!(model = %rev.name, missing, "chunks did not reach the disk tier");
+        }
+        self.manifests.save(rev)
+    }
+
+    /// Waits until background work for every model read so far is done (tests, shutdown).
+    pub async fn wait_idle(&self) {
+        loop {
+            let pending = self.background.len();
+            if pending == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Models in the origin (or, if it cannot be listed, those cached) with their state.
+    pub async fn list(&self) -> Result<Vec<v1::ModelInfo>> {
+        let mut names = match self.origin.list_models().await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!("listing origin failed, listing cached models only: {e}");
+                Vec::new()
+            }
+        };
+        let cached: Vec<Arc<Revision>> = {
+            let models = self.models.lock().expect("registry lock poisoned");
+            models
+                .values()
+                .filter_map(|s| s.state.lock().expect("slot lock poisoned").current.clone())
+                .collect()
+        };
+        names.extend(cached.iter().map(|r| r.name.clone()));
+        names.sort();
+        names.dedup();
+        Ok(names
+            .into_iter()
+            .map(|name| v1::ModelInfo {
+                cached: cached
+                    .iter()
+                    .filter(|r| r.name == name)
+                    .map(|r| v1::CachedVariant {
+                        variant: r.variant.clone(),
+                        revision: r.id.clone(),
+                        total_size: r.total_size,
+                        tiers: Some(self.tiers(r)),
+                    })
+                    .collect(),
+                name,
+            })
+            .collect())
+    }
+
+    /// Stops background work, saves manifests and flushes the disk tier.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.cancel.cancel();
+        self.background.close();
+        self.background.wait().await;
+        let revisions: Vec<Arc<Revision>> = {
+            let models = self.models.lock().expect("registry lock poisoned");
+            models
+                .values()
+                .filter_map(|s| s.state.lock().expect("slot lock poisoned").current.clone())
+                .collect()
+        };
+        for rev in revisions {
+            if let Err(e) = self.manifests.save(&rev) {
+                tracing::warn!(model = %rev.name, "could not save manifest: {e}");
+            }
+        }
+        self.cache.close().await
+    }
+}
+
+/// Every (file, chunk) from `start_file` at chunk `start_chunk` to the model's end.
+pub fn chunk_plan(rev: &Revision, start_file: usize, start_chunk: u64) -> Vec<(usize, u64)> {
+    let mut plan = Vec::new();
+    for (f, record) in rev.files.iter().enumerate().skip(start_file) {
+        let first = if f == start_file { start_chunk } else { 0 };
+        plan.extend((first..record.keys.len() as u64).map(|i| (f, i)));
+    }
+    plan
+}
