@@ -1,1 +1,178 @@
+//! Shared parts of the end-to-end suite: a real S3 server (`s3`), in-process nodes on
+//! `127.0.0.1:0`, the real binaries, and deterministic test data.
 
+pub mod s3;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cache_node::registry::Registry;
+use cache_node::{Config, Node};
+use sha2::Digest;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub use s3::S3Server;
+
+/// Bytes that look random and are the same on every run (xorshift64*).
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    sha256(&std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())))
+}
+
+/// A model to seed: relative path → bytes.
+pub type ModelFiles = Vec<(String, Vec<u8>)>;
+
+/// Seeds `files` under `models/NAME/` through the S3 API.
+pub async fn seed(s3: &S3Server, name: &str, files: &ModelFiles) {
+    for (path, bytes) in files {
+        s3.put(&format!("{name}/{path}"), bytes).await;
+    }
+}
+
+/// Checks that `dir` holds exactly `files`, byte for byte (by SHA-256).
+pub fn assert_same_files(dir: &Path, files: &ModelFiles) {
+    for (path, bytes) in files {
+        let local = dir.join(path);
+        assert_eq!(sha256_file(&local), sha256(bytes), "{} differs", local.display());
+    }
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                count += 1;
+            }
+        }
+    }
+    assert_eq!(count, files.len(), "unexpected extra files in {}", dir.display());
+}
+
+/// A node's configuration against `s3` (bucket `models`), with its own cache dir.
+pub fn node_config(s3: &S3Server, cache_dir: &Path) -> Config {
+    let mut config = Config::with_origin(&format!("s3://{}", s3::BUCKET), cache_dir);
+    config.s3_endpoint = Some(s3.endpoint());
+    config.s3_access_key_id = Some(s3::ACCESS_KEY.into());
+    config.s3_secret_access_key = Some(s3::SECRET_KEY.into());
+    config.s3_region = Some(s3::REGION.into());
+    config.s3_allow_http = Some(true);
+    config.memory_capacity = bytesize_mib(256);
+    config.disk_capacity = bytesize_mib(1024);
+    config
+}
+
+fn bytesize_mib(n: u64) -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(n)
+}
+
+/// A node serving in this process on `127.0.0.1:0`; shut down (and flushed) on `stop`
+/// or when dropped.
+pub struct TestNode {
+    pub url: String,
+    pub registry: Arc<Registry>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<cache_node::Result<()>>>,
+}
+
+impl TestNode {
+    pub async fn start(config: Config) -> Self {
+        let node = Node::open(&config).await.expect("node opens");
+        let registry = node.registry().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(node.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Self { url, registry, shutdown: Some(tx), task: Some(task) }
+    }
+
+    /// Graceful shutdown: stops serving, finishes background work, flushes the disk tier.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    pub fn agent(&self, dir: &Path) -> cache_agent::Agent {
+        cache_agent::Agent::new(vec![self.url.clone()], dir)
+    }
+
+    pub async fn client(&self) -> modelcache_proto::v1::model_cache_client::ModelCacheClient<tonic::transport::Channel> {
+        modelcache_proto::v1::model_cache_client::ModelCacheClient::connect(self.url.clone()).await.unwrap()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Path of a workspace binary, built once per test process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "cache-node", "-p", "cache-agent", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the binaries failed");
+        // target/debug/deps/<test> → target/debug
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().to_path_buf()
+    });
+    dir.join(name)
+}
+
+/// A child process killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `cond` holds, up to `timeout`.
+pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}

@@ -1,0 +1,234 @@
+//! A real S3 server in the test process: `s3s-fs` over HTTP on `127.0.0.1:0`, behind a tap
+//! that counts every request and byte it serves and can delay, cut, or refuse responses.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, WriteMultipart};
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub const ACCESS_KEY: &str = "modelcache-test";
+pub const SECRET_KEY: &str = "modelcache-test-secret";
+pub const REGION: &str = "us-east-1";
+pub const BUCKET: &str = "models";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TapResponse = http::Response<http_body_util::combinators::BoxBody<Bytes, BoxError>>;
+
+/// What the tap saw, and what it should do to the next responses.
+#[derive(Default)]
+pub struct Tap {
+    /// Object GETs by key: the Range headers asked for (empty string = whole object).
+    gets: Mutex<BTreeMap<String, Vec<String>>>,
+    pub requests: AtomicU64,
+    pub get_bytes: AtomicU64,
+    /// Sleep this many milliseconds before answering each object GET.
+    pub get_delay_ms: AtomicU64,
+    /// Cut each object GET's body after this many bytes (0 = off).
+    pub cut_after: AtomicU64,
+    /// Answer everything with 503 (a failing origin).
+    pub fail_all: AtomicBool,
+}
+
+impl Tap {
+    pub fn gets(&self) -> BTreeMap<String, Vec<String>> {
+        self.gets.lock().unwrap().clone()
+    }
+
+    pub fn get_count(&self) -> usize {
+        self.gets.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    pub fn reset(&self) {
+        self.gets.lock().unwrap().clear();
+        self.requests.store(0, Ordering::SeqCst);
+        self.get_bytes.store(0, Ordering::SeqCst);
+    }
+}
+
+pub struct S3Server {
+    pub addr: SocketAddr,
+    pub tap: Arc<Tap>,
+    tasks: JoinSet<()>,
+    _root: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tap = Arc::new(Tap::default());
+        let mut tasks = JoinSet::new();
+        let accept_tap = tap.clone();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { break };
+                let service = service.clone();
+                let tap = accept_tap.clone();
+                connections.spawn(async move {
+                    let svc = service_fn(move |req| handle(service.clone(), tap.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, tap, tasks, _root: root }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening and drops every open connection.
+    pub fn stop(&mut self) {
+        self.tasks.abort_all();
+    }
+
+    /// An S3 client of the bucket, for seeding through the S3 API.
+    pub fn client(&self) -> AmazonS3 {
+        AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_bucket_name(BUCKET)
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_region(REGION)
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+
+    /// Uploads `data` as `key` (multipart above 8 MiB, like the common clients).
+    pub async fn put(&self, key: &str, data: &[u8]) {
+        let client = self.client();
+        let path = Path::from(key);
+        if data.len() <= 8 * 1024 * 1024 {
+            client.put(&path, Bytes::copy_from_slice(data).into()).await.unwrap();
+        } else {
+            let upload = client.put_multipart(&path).await.unwrap();
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, 5 * 1024 * 1024);
+            writer.write(data);
+            writer.finish().await.unwrap();
+        }
+        self.tap.reset();
+    }
+
+    pub async fn delete(&self, key: &str) {
+        self.client().delete(&Path::from(key)).await.unwrap();
+        self.tap.reset();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+async fn handle(
+    service: s3s::service::S3Service,
+    tap: Arc<Tap>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<TapResponse, Infallible> {
+    tap.requests.fetch_add(1, Ordering::SeqCst);
+    if tap.fail_all.load(Ordering::SeqCst) {
+        let body = http_body_util::Full::new(Bytes::from_static(b"<Error><Code>ServiceUnavailable</Code></Error>"))
+            .map_err(|e| -> BoxError { match e {} })
+            .boxed();
+        return Ok(http::Response::builder().status(503).body(body).unwrap());
+    }
+    // An object GET is a GET with a key (path has a segment after the bucket) and no query.
+    let is_object_get = req.method() == http::Method::GET
+        && req.uri().query().is_none_or(|q| q.is_empty() || q.starts_with("x-id=GetObject"))
+        && req.uri().path().trim_start_matches('/').contains('/');
+    if is_object_get {
+        let key = req.uri().path().trim_start_matches('/').to_owned();
+        let range = req
+            .headers()
+            .get(http::header::RANGE)
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .unwrap_or_default();
+        tap.gets.lock().unwrap().entry(key).or_default().push(range);
+        let delay = tap.get_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+    let response = match hyper::service::Service::call(&service, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let body = http_body_util::Full::new(Bytes::from(format!("{e:?}")))
+                .map_err(|e| -> BoxError { match e {} })
+                .boxed();
+            return Ok(http::Response::builder().status(500).body(body).unwrap());
+        }
+    };
+    let cut = tap.cut_after.load(Ordering::SeqCst);
+    Ok(response.map(|body| {
+        TapBody {
+            inner: body,
+            tap: tap.clone(),
+            counted: is_object_get,
+            remaining: (is_object_get && cut > 0).then_some(cut),
+        }
+        .boxed()
+    }))
+}
+
+/// Counts object bytes and cuts bodies short when asked.
+struct TapBody {
+    inner: s3s::Body,
+    tap: Arc<Tap>,
+    counted: bool,
+    remaining: Option<u64>,
+}
+
+impl Body for TapBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == Some(0) {
+            return Poll::Ready(Some(Err("connection cut by the test".into())));
+        }
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            return Poll::Ready(None);
+        };
+        if let Some(remaining) = self.remaining {
+            let keep = remaining.min(data.len() as u64);
+            data.truncate(keep as usize);
+            self.remaining = Some(remaining - keep);
+        }
+        if self.counted {
+            self.tap.get_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
