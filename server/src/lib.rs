@@ -54,6 +54,11 @@ impl Node {
     /// Opens the origin and the tiers, and loads the manifests saved in the cache dir.
     pub async fn open(config: &Config) -> Result<Self> {
         let origin = Origin::open(&config.origin, &config.s3_options())?;
+        Self::with_origin(config, origin).await
+    }
+
+    /// Like `open`, with an origin built by the caller (any `ObjectStore`).
+    pub async fn with_origin(config: &Config, origin: Origin) -> Result<Self> {
         let cache = ChunkCache::open(
             &config.cache_dir.join("tiers"),
             config.memory_capacity.as_u64(),

@@ -175,7 +175,7 @@ impl Origin {
             files.push(OriginFile {
                 path,
                 size: meta.size,
-                etag: meta.e_tag.unwrap_or_default(),
+                etag: version_tag(meta.e_tag.as_deref(), meta.last_modified),
             });
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -266,8 +266,9 @@ impl Origin {
             .get_opts(&location, options)
             .await
             .map_err(|e| self.classify(name, e))?;
-        let found = result.meta.e_tag.clone().unwrap_or_default();
-        if !file.etag.is_empty() && !found.is_empty() && found != file.etag {
+        let found = version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified);
+        let comparable = file.etag.starts_with(MODIFIED_TAG) == found.starts_with(MODIFIED_TAG);
+        if comparable && found != file.etag {
             return Err(Error::OriginChanged {
                 origin: self.display.clone(),
                 name: name.to_owned(),
@@ -314,11 +315,20 @@ impl Origin {
                 origin,
                 detail: source.to_string(),
             },
-            object_store::Error::Generic { source, .. } => Error::OriginUnavailable {
-                origin,
-                name: name.to_owned(),
-                detail: error_chain(source.as_ref()),
-            },
+            object_store::Error::Generic { source, .. } => {
+                let detail = error_chain(source.as_ref());
+                // List requests report a refused signature as a generic failure with the
+                // status in the text; S3 answers 403 (or 401) for bad credentials.
+                if detail.contains("403 Forbidden") || detail.contains("401 Unauthorized") {
+                    Error::OriginDenied { origin, detail }
+                } else {
+                    Error::OriginUnavailable {
+                        origin,
+                        name: name.to_owned(),
+                        detail,
+                    }
+                }
+            }
             object_store::Error::InvalidPath { source } => Error::Origin {
                 origin,
                 detail: format!("it holds an object with an unusable path: {source}"),
@@ -328,6 +338,18 @@ impl Origin {
                 detail: other.to_string(),
             },
         }
+    }
+}
+
+/// Marks a version tag made from the modification time, for stores whose listings carry
+/// no ETag (some S3-compatible servers); seconds, since HTTP dates have no finer unit.
+const MODIFIED_TAG: &str = "modified:";
+
+/// The object's ETag, or its modification time where the store gives no ETag.
+fn version_tag(etag: Option<&str>, modified: chrono::DateTime<chrono::Utc>) -> String {
+    match etag {
+        Some(e) if !e.is_empty() => e.to_owned(),
+        _ => format!("{MODIFIED_TAG}{}", modified.timestamp()),
     }
 }
 

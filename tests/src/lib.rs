@@ -51,7 +51,12 @@ pub async fn seed(s3: &S3Server, name: &str, files: &ModelFiles) {
 pub fn assert_same_files(dir: &Path, files: &ModelFiles) {
     for (path, bytes) in files {
         let local = dir.join(path);
-        assert_eq!(sha256_file(&local), sha256(bytes), "{} differs", local.display());
+        assert_eq!(
+            sha256_file(&local),
+            sha256(bytes),
+            "{} differs",
+            local.display()
+        );
     }
     let mut count = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -65,7 +70,12 @@ pub fn assert_same_files(dir: &Path, files: &ModelFiles) {
             }
         }
     }
-    assert_eq!(count, files.len(), "unexpected extra files in {}", dir.display());
+    assert_eq!(
+        count,
+        files.len(),
+        "unexpected extra files in {}",
+        dir.display()
+    );
 }
 
 /// A node's configuration against `s3` (bucket `models`), with its own cache dir.
@@ -96,7 +106,10 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(config: Config) -> Self {
-        let node = Node::open(&config).await.expect("node opens");
+        Self::start_with(Node::open(&config).await.expect("node opens")).await
+    }
+
+    pub async fn start_with(node: Node) -> Self {
         let registry = node.registry().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -104,7 +117,12 @@ impl TestNode {
         let task = tokio::spawn(node.serve(listener, async {
             let _ = rx.await;
         }));
-        Self { url, registry, shutdown: Some(tx), task: Some(task) }
+        Self {
+            url,
+            registry,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Graceful shutdown: stops serving, finishes background work, flushes the disk tier.
@@ -121,8 +139,12 @@ impl TestNode {
         cache_agent::Agent::new(vec![self.url.clone()], dir)
     }
 
-    pub async fn client(&self) -> modelcache_proto::v1::model_cache_client::ModelCacheClient<tonic::transport::Channel> {
-        modelcache_proto::v1::model_cache_client::ModelCacheClient::connect(self.url.clone()).await.unwrap()
+    pub async fn client(
+        &self,
+    ) -> modelcache_proto::v1::model_cache_client::ModelCacheClient<tonic::transport::Channel> {
+        modelcache_proto::v1::model_cache_client::ModelCacheClient::connect(self.url.clone())
+            .await
+            .unwrap()
     }
 }
 
@@ -143,7 +165,15 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", "cache-node", "-p", "cache-agent", "--bins"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "cache-node",
+                "-p",
+                "cache-agent",
+                "--bins",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");

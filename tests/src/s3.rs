@@ -85,7 +85,9 @@ impl S3Server {
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             loop {
-                let Ok((socket, _)) = listener.accept().await else { break };
+                let Ok((socket, _)) = listener.accept().await else {
+                    break;
+                };
                 let service = service.clone();
                 let tap = accept_tap.clone();
                 connections.spawn(async move {
@@ -96,7 +98,12 @@ impl S3Server {
                 });
             }
         });
-        Self { addr, tap, tasks, _root: root }
+        Self {
+            addr,
+            tap,
+            tasks,
+            _root: root,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -126,7 +133,10 @@ impl S3Server {
         let client = self.client();
         let path = Path::from(key);
         if data.len() <= 8 * 1024 * 1024 {
-            client.put(&path, Bytes::copy_from_slice(data).into()).await.unwrap();
+            client
+                .put(&path, Bytes::copy_from_slice(data).into())
+                .await
+                .unwrap();
         } else {
             let upload = client.put_multipart(&path).await.unwrap();
             let mut writer = WriteMultipart::new_with_chunk_size(upload, 5 * 1024 * 1024);
@@ -155,14 +165,19 @@ async fn handle(
 ) -> Result<TapResponse, Infallible> {
     tap.requests.fetch_add(1, Ordering::SeqCst);
     if tap.fail_all.load(Ordering::SeqCst) {
-        let body = http_body_util::Full::new(Bytes::from_static(b"<Error><Code>ServiceUnavailable</Code></Error>"))
-            .map_err(|e| -> BoxError { match e {} })
-            .boxed();
+        let body = http_body_util::Full::new(Bytes::from_static(
+            b"<Error><Code>ServiceUnavailable</Code></Error>",
+        ))
+        .map_err(|e| -> BoxError { match e {} })
+        .boxed();
         return Ok(http::Response::builder().status(503).body(body).unwrap());
     }
     // An object GET is a GET with a key (path has a segment after the bucket) and no query.
     let is_object_get = req.method() == http::Method::GET
-        && req.uri().query().is_none_or(|q| q.is_empty() || q.starts_with("x-id=GetObject"))
+        && req
+            .uri()
+            .query()
+            .is_none_or(|q| q.is_empty() || q.starts_with("x-id=GetObject"))
         && req.uri().path().trim_start_matches('/').contains('/');
     if is_object_get {
         let key = req.uri().path().trim_start_matches('/').to_owned();
@@ -210,7 +225,10 @@ impl Body for TapBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == Some(0) {
             return Poll::Ready(Some(Err("connection cut by the test".into())));
         }
@@ -227,7 +245,9 @@ impl Body for TapBody {
             self.remaining = Some(remaining - keep);
         }
         if self.counted {
-            self.tap.get_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
+            self.tap
+                .get_bytes
+                .fetch_add(data.len() as u64, Ordering::SeqCst);
         }
         Poll::Ready(Some(Ok(Frame::data(data))))
     }

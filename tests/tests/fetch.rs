@@ -10,9 +10,15 @@ const MIB: usize = 1024 * 1024;
 
 fn multi_file_model() -> ModelFiles {
     vec![
-        ("config.json".into(), br#"{"architectures":["ResNet"]}"#.to_vec()),
+        (
+            "config.json".into(),
+            br#"{"architectures":["ResNet"]}"#.to_vec(),
+        ),
         ("empty.txt".into(), Vec::new()),
-        ("1_Pooling/config.json".into(), b"{\"pooling\": \"mean\"}".to_vec()),
+        (
+            "1_Pooling/config.json".into(),
+            b"{\"pooling\": \"mean\"}".to_vec(),
+        ),
         ("deep/er/still/weights.bin".into(), data(7, 3 * MIB + 12345)),
         ("model.safetensors".into(), data(1, 9 * MIB + 17)),
     ]
@@ -31,32 +37,60 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
     let node = TestNode::start(node_config(&s3, cache.path())).await;
 
     let dir1 = tempfile::tempdir().unwrap();
-    let fetched = node.agent(dir1.path()).prefetch(&r("org/minilm"), &Progress::hidden()).await.unwrap();
+    let fetched = node
+        .agent(dir1.path())
+        .prefetch(&r("org/minilm"), &Progress::hidden())
+        .await
+        .unwrap();
     assert_eq!(fetched.path, dir1.path().join("org/minilm/@original"));
     assert_same_files(&fetched.path, &files);
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
     assert_eq!(fetched.transferred as usize, total);
     let cold_bytes = s3.tap.get_bytes.load(Ordering::SeqCst);
-    assert_eq!(cold_bytes as usize, total, "a cold fetch reads each byte from the origin once");
+    assert_eq!(
+        cold_bytes as usize, total,
+        "a cold fetch reads each byte from the origin once"
+    );
 
     // Warm node, empty agent directory: nothing from the origin (revalidation is a LIST).
     s3.tap.reset();
     let dir2 = tempfile::tempdir().unwrap();
-    let fetched = node.agent(dir2.path()).prefetch(&r("org/minilm"), &Progress::hidden()).await.unwrap();
+    let fetched = node
+        .agent(dir2.path())
+        .prefetch(&r("org/minilm"), &Progress::hidden())
+        .await
+        .unwrap();
     assert_same_files(&fetched.path, &files);
-    assert_eq!(s3.tap.get_count(), 0, "warm fetch read objects: {:?}", s3.tap.gets());
+    assert_eq!(
+        s3.tap.get_count(),
+        0,
+        "warm fetch read objects: {:?}",
+        s3.tap.gets()
+    );
     assert_eq!(s3.tap.get_bytes.load(Ordering::SeqCst), 0);
 
     // Present at the node's revision: no transfer at all.
-    let again = node.agent(dir2.path()).prefetch(&r("org/minilm"), &Progress::hidden()).await.unwrap();
+    let again = node
+        .agent(dir2.path())
+        .prefetch(&r("org/minilm"), &Progress::hidden())
+        .await
+        .unwrap();
     assert_eq!(again.transferred, 0);
 
     // The node computes every file's SHA-256 in the background; verify --sha256 checks them.
     node.registry.wait_idle().await;
-    let reports = node.agent(dir2.path()).verify(Some(&r("org/minilm")), true).await.unwrap();
+    let reports = node
+        .agent(dir2.path())
+        .verify(Some(&r("org/minilm")), true)
+        .await
+        .unwrap();
     assert_eq!(reports[0].problems, vec![]);
     assert_eq!(reports[0].sha256_checked, files.len());
-    let manifest = node.agent(dir2.path()).stat(&r("org/minilm")).await.unwrap();
+    let manifest = node
+        .agent(dir2.path())
+        .stat(&r("org/minilm"))
+        .await
+        .unwrap();
     for (path, bytes) in &files {
         let entry = manifest.files.iter().find(|f| &f.path == path).unwrap();
         assert_eq!(entry.sha256, sha256(bytes), "{path}");
@@ -67,7 +101,10 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cold_fetches_read_each_chunk_from_origin_once() {
     let s3 = S3Server::start().await;
-    let files: ModelFiles = vec![("model.onnx".into(), data(3, 24 * MIB + 5)), ("b.bin".into(), data(4, 5 * MIB))];
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(3, 24 * MIB + 5)),
+        ("b.bin".into(), data(4, 5 * MIB)),
+    ];
     seed(&s3, "resnet50", &files).await;
     s3.tap.get_delay_ms.store(30, Ordering::SeqCst);
     let cache = tempfile::tempdir().unwrap();
@@ -90,7 +127,11 @@ async fn concurrent_cold_fetches_read_each_chunk_from_origin_once() {
         let mut unique = ranges.clone();
         unique.sort();
         unique.dedup();
-        assert_eq!(unique.len(), ranges.len(), "{path}: a range was read twice: {ranges:?}");
+        assert_eq!(
+            unique.len(),
+            ranges.len(),
+            "{path}: a range was read twice: {ranges:?}"
+        );
         assert_eq!(ranges.len(), chunks, "{path}: {ranges:?}");
     }
     let size: usize = files.iter().map(|(_, b)| b.len()).sum();
@@ -100,23 +141,37 @@ async fn concurrent_cold_fetches_read_each_chunk_from_origin_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_node_serves_from_disk_with_origin_stopped() {
     let mut s3 = S3Server::start().await;
-    let files: ModelFiles = vec![("model.onnx".into(), data(5, 11 * MIB + 3)), ("config.json".into(), b"{}".to_vec())];
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(5, 11 * MIB + 3)),
+        ("config.json".into(), b"{}".to_vec()),
+    ];
     seed(&s3, "resnet50", &files).await;
     let cache = tempfile::tempdir().unwrap();
     let node = TestNode::start(node_config(&s3, cache.path())).await;
     let warm_dir = tempfile::tempdir().unwrap();
-    node.agent(warm_dir.path()).prefetch(&r("resnet50"), &Progress::hidden()).await.unwrap();
+    node.agent(warm_dir.path())
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
     node.registry.wait_idle().await;
     node.stop().await;
 
     s3.stop();
     let node = TestNode::start(node_config(&s3, cache.path())).await;
     let dir = tempfile::tempdir().unwrap();
-    let fetched = node.agent(dir.path()).prefetch(&r("resnet50"), &Progress::hidden()).await.unwrap();
+    let fetched = node
+        .agent(dir.path())
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
     assert_same_files(&fetched.path, &files);
     let manifest = node.agent(dir.path()).stat(&r("resnet50")).await.unwrap();
     assert!(manifest.stale, "Resolve says the revision is served stale");
-    assert!(manifest.stale_reason.contains("unreachable"), "{}", manifest.stale_reason);
+    assert!(
+        manifest.stale_reason.contains("unreachable"),
+        "{}",
+        manifest.stale_reason
+    );
     assert_eq!(node.registry.stats.misses.load(Ordering::SeqCst), 0);
     assert!(node.registry.stats.disk_hits.load(Ordering::SeqCst) > 0);
 }
@@ -125,14 +180,20 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
 async fn disk_tier_holds_every_chunk() {
     let s3 = S3Server::start().await;
     // More than the memory tier holds, so chunks are also evicted from memory on the way.
-    let files: ModelFiles = vec![("model.bin".into(), data(9, 40 * MIB + 1)), ("small.json".into(), b"[1]".to_vec())];
+    let files: ModelFiles = vec![
+        ("model.bin".into(), data(9, 40 * MIB + 1)),
+        ("small.json".into(), b"[1]".to_vec()),
+    ];
     seed(&s3, "big", &files).await;
     let cache = tempfile::tempdir().unwrap();
     let mut config = node_config(&s3, cache.path());
     config.memory_capacity = bytesize::ByteSize::mib(16);
     let node = TestNode::start(config).await;
     let dir = tempfile::tempdir().unwrap();
-    node.agent(dir.path()).prefetch(&r("big"), &Progress::hidden()).await.unwrap();
+    node.agent(dir.path())
+        .prefetch(&r("big"), &Progress::hidden())
+        .await
+        .unwrap();
     node.registry.wait_idle().await;
 
     let resolved = node.registry.resolve(&r("big")).await.unwrap();
@@ -140,10 +201,18 @@ async fn disk_tier_holds_every_chunk() {
     cache.clear_memory();
     for (file, (_, bytes)) in resolved.revision.files.iter().zip(&files) {
         for (i, key) in file.keys.iter().enumerate() {
-            let value = cache.load_from_disk(key).await.unwrap().unwrap_or_else(|| panic!("{} chunk {i} not on disk", file.origin.path));
+            let value = cache
+                .load_from_disk(key)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{} chunk {i} not on disk", file.origin.path));
             let start = i * CHUNK_SIZE as usize;
             let end = (start + CHUNK_SIZE as usize).min(bytes.len());
-            assert!(value.data[..] == bytes[start..end], "{} chunk {i} differs on disk", file.origin.path);
+            assert!(
+                value.data[..] == bytes[start..end],
+                "{} chunk {i} differs on disk",
+                file.origin.path
+            );
         }
     }
     let tiers = node.registry.tiers(&resolved.revision);

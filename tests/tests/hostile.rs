@@ -1,0 +1,195 @@
+//! A hostile node (or a peer impersonating one) cannot make the agent write outside its
+//! directory: manifests with unsafe paths are refused before anything is written, and
+//! chunks that do not match their digests are never kept.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cache_agent::{AgentError, Progress};
+use futures::stream::{self, BoxStream};
+use modelcache_proto::v1::model_cache_server::{ModelCache, ModelCacheServer};
+use modelcache_proto::v1::*;
+use modelcache_proto::{CHUNK_SIZE, Reference};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// Serves one fixed manifest and the given chunk bytes, whatever is asked.
+#[derive(Clone)]
+struct HostileNode {
+    files: Vec<(String, Bytes)>,
+    /// Digest to announce for each chunk; `None` = the true one.
+    wrong_digest: bool,
+}
+
+impl HostileNode {
+    fn manifest(&self, reference: &str) -> Manifest {
+        let r = Reference::parse(reference).unwrap();
+        Manifest {
+            name: r.name().into(),
+            variant: r.variant().into(),
+            revision: "abcdef".into(),
+            chunk_size: CHUNK_SIZE,
+            files: self
+                .files
+                .iter()
+                .map(|(p, b)| FileEntry {
+                    path: p.clone(),
+                    size: b.len() as u64,
+                    ..Default::default()
+                })
+                .collect(),
+            total_size: self.files.iter().map(|(_, b)| b.len() as u64).sum(),
+            ..Default::default()
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ModelCache for HostileNode {
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        Ok(Response::new(ResolveResponse {
+            manifest: Some(self.manifest(&request.get_ref().reference)),
+        }))
+    }
+
+    type FetchStream = BoxStream<'static, Result<FetchResponse, Status>>;
+
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let mut items = vec![Ok(FetchResponse {
+            item: Some(fetch_response::Item::Manifest(
+                self.manifest(&request.get_ref().reference),
+            )),
+        })];
+        for (i, (_, bytes)) in self.files.iter().enumerate() {
+            for (c, piece) in bytes.chunks(CHUNK_SIZE as usize).enumerate() {
+                let mut digest = blake3::hash(piece).as_bytes().to_vec();
+                if self.wrong_digest {
+                    digest[0] ^= 1;
+                }
+                items.push(Ok(FetchResponse {
+                    item: Some(fetch_response::Item::Chunk(Chunk {
+                        file_index: i as u32,
+                        offset: c as u64 * CHUNK_SIZE,
+                        data: Bytes::copy_from_slice(piece),
+                        blake3: digest,
+                    })),
+                }));
+            }
+        }
+        Ok(Response::new(Box::pin(stream::iter(items))))
+    }
+
+    async fn prefetch(
+        &self,
+        _: Request<PrefetchRequest>,
+    ) -> Result<Response<PrefetchResponse>, Status> {
+        Err(Status::unimplemented("hostile"))
+    }
+
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unimplemented("hostile"))
+    }
+}
+
+async fn serve(node: HostileNode) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(ModelCacheServer::new(node))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    (addr, task)
+}
+
+/// Everything below `root`, relative.
+fn tree(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_are_refused_and_nothing_lands_outside() {
+    let cases: Vec<Vec<(&str, &[u8])>> = vec![
+        vec![("../x", b"escape")],
+        vec![("/etc/x", b"absolute")],
+        vec![("x", b"file"), ("x/y", b"nested")],
+        vec![("a/../../x", b"escape")],
+        vec![("ok.txt", b"fine"), ("a\0b", b"nul")],
+    ];
+    for files in cases {
+        let sandbox = tempfile::tempdir().unwrap();
+        let dir = sandbox.path().join("agent");
+        let node = HostileNode {
+            files: files
+                .iter()
+                .map(|(p, b)| ((*p).to_owned(), Bytes::copy_from_slice(b)))
+                .collect(),
+            wrong_digest: false,
+        };
+        let (addr, task) = serve(node).await;
+        let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], &dir);
+        let err = agent
+            .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::UnsafePath { .. }),
+            "{files:?}: {err:?}"
+        );
+        let shown = format!("{err}");
+        assert!(shown.contains("unsafe file path"), "{shown}");
+        let everything = tree(sandbox.path());
+        assert!(
+            everything
+                .iter()
+                .all(|p| p == "agent" || p.starts_with("agent/")),
+            "{everything:?}"
+        );
+        assert!(
+            !everything
+                .iter()
+                .any(|p| p.ends_with("x") || p.contains("@")),
+            "{everything:?}"
+        );
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_failing_their_digest_are_never_published() {
+    let data = Arc::new(modelcache_tests::data(3, 3 * CHUNK_SIZE as usize));
+    let node = HostileNode {
+        files: vec![("model.onnx".into(), Bytes::from(data.to_vec()))],
+        wrong_digest: true,
+    };
+    let (addr, task) = serve(node).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
+    let err = agent
+        .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Integrity { .. }), "{err:?}");
+    assert!(!dir.path().join("victim/@original").exists());
+    task.abort();
+}
