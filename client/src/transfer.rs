@@ -29,8 +29,10 @@ fn hash_pipeline_depth() -> usize {
 
 /// Verified chunks queued for the writer.
 const WRITE_QUEUE: usize = 8;
-/// The writer saves its progress at least this often.
-const PROGRESS_EVERY: u64 = 64 * 1024 * 1024;
+/// The writer saves its progress after this many bytes or this much time, whichever
+/// comes first, and at the end of every file.
+const PROGRESS_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How far a download got: every file before `file` is complete, `file` has `offset`
 /// verified bytes.
@@ -382,6 +384,7 @@ fn write_loop(
         list.clear();
     }
     let mut saved_at = 0u64;
+    let mut saved_when = std::time::Instant::now();
     let mut written = 0u64;
     let mut open: Option<(usize, File)> = None;
     while let Some(WriteOp::Chunk {
@@ -408,12 +411,15 @@ fn write_loop(
             state.file += 1;
             state.offset = 0;
         }
-        if written - saved_at >= PROGRESS_EVERY || state.offset == 0 {
+        let due =
+            written - saved_at >= PROGRESS_EVERY_BYTES || saved_when.elapsed() >= PROGRESS_EVERY;
+        if due || state.offset == 0 {
             write_atomic(
                 progress_path,
                 &serde_json::to_vec(&state).expect("progress serializes"),
             )?;
             saved_at = written;
+            saved_when = std::time::Instant::now();
         }
     }
     write_atomic(

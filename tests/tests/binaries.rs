@@ -1,0 +1,280 @@
+//! The real `cache-node` and `cache-agent` binaries, used the way a person would.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use modelcache_tests::*;
+
+const MIB: usize = 1024 * 1024;
+
+fn agent_cmd(node: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(binary("cache-agent"));
+    cmd.env_remove("CACHE_AGENT_NODE")
+        .env_remove("CACHE_AGENT_DIR");
+    cmd.arg("--node").arg(node).arg("--dir").arg(dir);
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Size of the file being written for `name`'s current download, if any.
+fn partial_size(dir: &Path, name: &str, file: &str) -> u64 {
+    let store = dir.join(name).join(".original");
+    std::fs::read_dir(&store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .filter_map(|e| std::fs::metadata(e.path().join(file)).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![
+        ("config.json".into(), b"{\"a\": 1}".to_vec()),
+        ("model.bin".into(), data(21, 40 * MIB + 99)),
+        ("z/empty".into(), Vec::new()),
+    ];
+    seed(&s3, "big", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = node_config(&s3, cache.path());
+    config.origin_parallelism = 1;
+    let node = TestNode::start(config).await;
+    s3.tap.get_delay_ms.store(120, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("big/@original");
+
+    // Watch the final path the whole time: when it exists, the model must be whole.
+    let watching = Arc::new(AtomicBool::new(true));
+    let violations = Arc::new(AtomicUsize::new(0));
+    let sightings = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (watching, violations, sightings, link) = (
+            watching.clone(),
+            violations.clone(),
+            sightings.clone(),
+            link.clone(),
+        );
+        let expected: Vec<(String, u64)> = files
+            .iter()
+            .map(|(p, b)| (p.clone(), b.len() as u64))
+            .collect();
+        std::thread::spawn(move || {
+            while watching.load(Ordering::SeqCst) {
+                if link.exists() {
+                    sightings.fetch_add(1, Ordering::SeqCst);
+                    let whole = expected.iter().all(|(p, size)| {
+                        std::fs::metadata(link.join(p)).is_ok_and(|m| m.len() == *size)
+                    });
+                    if !whole {
+                        violations.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    let mut first = Child(
+        agent_cmd(&node.url, dir.path())
+            .args(["prefetch", "big"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let got_some = wait_for(Duration::from_secs(60), || {
+        partial_size(dir.path(), "big", "model.bin") >= 8 * MIB as u64
+    })
+    .await;
+    assert!(got_some, "the first run never got going");
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert!(!link.exists(), "a killed prefetch published its model");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let served_before = node.registry.stats.bytes_served.load(Ordering::SeqCst);
+    s3.tap.get_delay_ms.store(10, Ordering::SeqCst);
+    let out = run_ok(agent_cmd(&node.url, dir.path()).args(["prefetch", "big"]));
+    assert_eq!(out.trim(), link.display().to_string());
+    let served_second = node.registry.stats.bytes_served.load(Ordering::SeqCst) - served_before;
+    let total: usize = files.iter().map(|(_, b)| b.len()).sum();
+    assert!(
+        served_second > 0 && (served_second as usize) < total - 6 * MIB,
+        "second run moved {served_second} of {total} bytes"
+    );
+    assert_same_files(&link, &files);
+
+    watching.store(false, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert_eq!(
+        violations.load(Ordering::SeqCst),
+        0,
+        "the final path showed a partial model"
+    );
+    assert!(sightings.load(Ordering::SeqCst) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_and_agent_binaries_as_a_user_runs_them() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(30, 5 * MIB + 1)),
+        ("config.json".into(), b"{}".to_vec()),
+    ];
+    seed(&s3, "resnet50", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut node = Child(
+        Command::new(binary("cache-node"))
+            .env("CACHE_NODE_ORIGIN", "s3://models")
+            .env("CACHE_NODE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CACHE_NODE_CACHE_DIR", cache.path())
+            .env("CACHE_NODE_MEMORY_CAPACITY", "64MiB")
+            .env("CACHE_NODE_DISK_CAPACITY", "256MiB")
+            .env("AWS_ENDPOINT_URL", s3.endpoint())
+            .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
+            .env("AWS_REGION", s3::REGION)
+            .env("AWS_ALLOW_HTTP", "true")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    assert!(
+        wait_for(Duration::from_secs(30), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok())
+        .await,
+        "node did not start"
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = run_ok(agent_cmd(&url, dir.path()).args(["prefetch", "resnet50"]));
+    let path = dir.path().join("resnet50/@original");
+    assert_eq!(out, format!("{}\n", path.display()));
+    assert_same_files(&path, &files);
+
+    let out = run_ok(agent_cmd(&url, dir.path()).args(["get", "--weights", "resnet50"]));
+    assert_eq!(out.trim(), path.join("model.onnx").display().to_string());
+
+    let out = run_ok(agent_cmd(&url, dir.path()).arg("ls"));
+    assert!(out.starts_with("resnet50:original\t"), "{out}");
+
+    // The node computes SHA-256 after the transfer; wait until `stat` shows it.
+    let shown = wait_for(Duration::from_secs(30), || {
+        let out = run_ok(agent_cmd(&url, dir.path()).args(["stat", "resnet50"]));
+        out.contains(&sha256(&files[0].1))
+    })
+    .await;
+    assert!(shown, "stat never showed the SHA-256");
+    let out = run_ok(agent_cmd(&url, dir.path()).args(["verify", "--sha256"]));
+    assert!(out.starts_with("ok\tresnet50:original"), "{out}");
+    assert!(out.contains("sha256 2 checked"), "{out}");
+
+    // Corrupt one byte: verify fails with exit 1 and names the file.
+    let weights = std::fs::canonicalize(path.join("model.onnx")).unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[3 * MIB] ^= 0xff;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = agent_cmd(&url, dir.path()).arg("verify").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.onnx: chunk 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run_ok(agent_cmd(&url, dir.path()).arg("models"));
+    assert!(out.starts_with("resnet50\toriginal"), "{out}");
+
+    run_ok(agent_cmd(&url, dir.path()).args(["rm", "resnet50"]));
+    assert!(!path.exists() && !dir.path().join("resnet50").exists());
+
+    // Errors: one clear line on stderr and a non-zero status.
+    let out = agent_cmd(&url, dir.path())
+        .args(["prefetch", "a//b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("invalid model reference \"a//b\""), "{err}");
+
+    let out = agent_cmd(&url, dir.path())
+        .args(["prefetch", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no model named \"nosuch\""));
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = agent_cmd(&dead, dir.path())
+        .args(["prefetch", "resnet50"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && err.lines().count() == 1, "{err}");
+
+    // SIGTERM: graceful shutdown, exit 0.
+    let pid = node.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = node.0.wait().unwrap();
+    assert!(status.success(), "node exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_rejects_bad_flags_with_one_line() {
+    let out = Command::new(binary("cache-node"))
+        .args(["--revalidate-after", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("soon")
+            || String::from_utf8_lossy(&out.stdout).contains("soon")
+    );
+    let out = Command::new(binary("cache-node"))
+        .args(["--origin", "/nonexistent/models", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/models"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
