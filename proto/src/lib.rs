@@ -25,3 +25,9 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/modelcache_descriptor.bin"));
 }
+
+/// The ONNX model format, generated from `proto/onnx/onnx.proto` (onnx 1.23).
+#[allow(clippy::all, missing_docs)]
+pub mod onnx {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}

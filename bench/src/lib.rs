@@ -1,0 +1,5 @@
+//! Sample models for the demo, the tests and the benchmark, generated here with
+//! deterministic weights (no downloads exist on the machines this runs on).
+
+pub mod resnet;
+pub mod rng;
