@@ -94,7 +94,7 @@ impl Builder {
             let channel_scale = 10f32.powf(self.rng.uniform() * 2.0 - 1.5);
             for _ in 0..fan_in {
                 let mut v = self.rng.normal() * he * channel_scale;
-                if self.rng.next_u64() % 512 == 0 {
+                if self.rng.next_u64().is_multiple_of(512) {
                     v *= 8.0;
                 }
                 w.push(v);

@@ -6,6 +6,7 @@
 //! directory (recording progress so an interrupted run resumes), and publishes the complete
 //! revision by swapping a symlink: `DIR/NAME/@VARIANT` (see `layout`).
 
+pub mod cli;
 pub mod error;
 pub mod layout;
 pub mod node;

@@ -1,61 +1,11 @@
 //! `cache-agent`: the command line on each inference host.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cache_agent::cli::{Cli, Command};
 use cache_agent::{Agent, AgentError, Progress};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use modelcache_proto::Reference;
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "cache-agent",
-    version,
-    about = "Prefetch models from modelcache nodes into verified local directories"
-)]
-struct Cli {
-    /// Cache node addresses, tried in order (`http://host:port,…`).
-    #[arg(long, env = "CACHE_AGENT_NODE", value_delimiter = ',', default_value = cache_agent::node::DEFAULT_NODE)]
-    node: Vec<String>,
-
-    /// Where models are kept (default: the platform cache dir, e.g. ~/.cache/modelcache).
-    #[arg(long, env = "CACHE_AGENT_DIR")]
-    dir: Option<PathBuf>,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Fetch models into DIR, verified; prints each model's local directory.
-    Prefetch {
-        #[arg(required = true)]
-        references: Vec<String>,
-    },
-    /// Like prefetch of one model, for scripts: prints its directory.
-    Get {
-        /// Print the path of the model's only weight file instead.
-        #[arg(long)]
-        weights: bool,
-        reference: String,
-    },
-    /// Re-check local copies against their manifests.
-    Verify {
-        /// Also re-check each file's SHA-256.
-        #[arg(long)]
-        sha256: bool,
-        reference: Option<String>,
-    },
-    /// List models present locally.
-    Ls,
-    /// Show a model's manifest on the node.
-    Stat { reference: String },
-    /// Remove a local model.
-    Rm { reference: String },
-    /// List the models the cluster offers.
-    Models,
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {

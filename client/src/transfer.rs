@@ -206,8 +206,8 @@ fn load_progress(path: &Path, m: &v1::Manifest) -> Option<DownloadState> {
     (state.revision == m.revision
         && state.chunk_blake3.len() == m.files.len()
         && state.file <= m.files.len()
-        && state.offset % m.chunk_size == 0)
-        .then_some(state)
+        && state.offset.is_multiple_of(m.chunk_size))
+    .then_some(state)
 }
 
 /// The position after `(file, offset)` has been consumed, skipping empty files.
