@@ -154,7 +154,9 @@ impl ChunkCache {
         let hybrid = HybridCacheBuilder::new()
             .with_name("modelcache-chunks")
             .with_policy(HybridCachePolicy::WriteOnInsertion)
-            .with_flush_on_close(true)
+            // Chunks are written on insertion (and `persist` re-queues dropped ones), so
+            // flushing the whole memory tier again at close would only duplicate them.
+            .with_flush_on_close(false)
             .memory(memory_capacity as usize)
             .with_eviction_config(LruConfig::default())
             .with_weighter(|_key: &ChunkKey, value: &ChunkValue| value.data.len() + 64)

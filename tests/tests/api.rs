@@ -1,0 +1,287 @@
+//! The gRPC API as other clients see it: Prefetch, List, Fetch from an offset, revision
+//! pinning, health and reflection; and a corrupted disk-tier entry.
+
+use std::sync::atomic::Ordering;
+
+use cache_agent::Progress;
+use futures::StreamExt;
+use modelcache_proto::v1::{FetchRequest, ListRequest, PrefetchRequest, fetch_response};
+use modelcache_proto::{CHUNK_SIZE, Reference};
+use modelcache_tests::*;
+use tonic::Code;
+
+const MIB: usize = 1024 * 1024;
+
+fn r(s: &str) -> Reference {
+    Reference::parse(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_warms_the_node_and_list_shows_tiers() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(50, 7 * MIB + 1)),
+        ("config.json".into(), b"{}".to_vec()),
+    ];
+    seed(&s3, "resnet50", &files).await;
+    seed(
+        &s3,
+        "org/minilm",
+        &vec![
+            ("config.json".into(), b"{}".to_vec()),
+            ("1_Pooling/config.json".into(), b"{}".to_vec()),
+        ],
+    )
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let mut client = node.client().await;
+
+    let response = client
+        .prefetch(PrefetchRequest {
+            references: vec!["resnet50".into(), "nosuch".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let size: usize = files.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(response.results[0].error, "");
+    assert_eq!(response.results[0].origin_bytes as usize, size);
+    assert_eq!(response.results[0].total_size as usize, size);
+    assert!(
+        response.results[1].error.contains("nosuch"),
+        "{:?}",
+        response.results[1]
+    );
+    assert_eq!(s3.tap.get_bytes.load(Ordering::SeqCst) as usize, size);
+
+    // A bad reference fails the whole call before any work.
+    let err = client
+        .prefetch(PrefetchRequest {
+            references: vec!["../x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    s3.tap.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = node
+        .agent(dir.path())
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_same_files(&fetched.path, &files);
+    assert_eq!(
+        s3.tap.get_count(),
+        0,
+        "prefetched model read again: {:?}",
+        s3.tap.gets()
+    );
+
+    node.registry.wait_idle().await;
+    let models = client
+        .list(ListRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let names: Vec<_> = models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["org/minilm", "resnet50"],
+        "folders inside a model are not models"
+    );
+    let resnet = &models[1];
+    assert_eq!(resnet.cached.len(), 1);
+    let tiers = resnet.cached[0].tiers.unwrap();
+    assert_eq!(tiers.total_chunks, 5);
+    assert_eq!(tiers.disk_chunks, 5);
+    assert!(models[0].cached.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_from_an_offset_and_pinned_revisions() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![
+        ("a.bin".into(), data(60, 5 * MIB)),
+        ("b.bin".into(), data(61, 3 * MIB)),
+    ];
+    seed(&s3, "m", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let mut client = node.client().await;
+
+    // Resume inside a.bin, not on a chunk boundary: the node starts at the chunk holding it.
+    let mut stream = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            file: "a.bin".into(),
+            offset: CHUNK_SIZE + 5,
+            revision: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let manifest = match stream.next().await.unwrap().unwrap().item {
+        Some(fetch_response::Item::Manifest(m)) => m,
+        other => panic!("{other:?}"),
+    };
+    let mut got = Vec::new();
+    while let Some(msg) = stream.next().await {
+        match msg.unwrap().item {
+            Some(fetch_response::Item::Chunk(c)) => {
+                assert_eq!(
+                    blake3::hash(&c.data).as_bytes().as_slice(),
+                    c.blake3.as_slice()
+                );
+                got.push((c.file_index, c.offset, c.data.len()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let expected = vec![
+        (0, CHUNK_SIZE, CHUNK_SIZE as usize),
+        (0, 2 * CHUNK_SIZE, MIB),
+        (1, 0, CHUNK_SIZE as usize),
+        (1, CHUNK_SIZE, MIB),
+    ];
+    assert_eq!(got, expected);
+
+    let err = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            revision: "0123456789abcdef".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(
+        err.message().contains(&manifest.revision),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            file: "c.bin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("c.bin"));
+    let err = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            file: "b.bin".into(),
+            offset: 4 * MIB as u64,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let s3 = S3Server::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let channel = tonic::transport::Endpoint::from_shared(node.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "modelcache.v1.ModelCache".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"modelcache.v1.ModelCache"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_disk_entry_is_detected_and_read_again() {
+    let s3 = S3Server::start().await;
+    let bytes = data(70, 6 * MIB);
+    let files: ModelFiles = vec![("model.bin".into(), bytes.clone())];
+    seed(&s3, "m", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = node_config(&s3, cache.path());
+    config.disk_capacity = bytesize::ByteSize::mib(64);
+    let node = TestNode::start(config.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    node.agent(dir.path())
+        .prefetch(&r("m"), &Progress::hidden())
+        .await
+        .unwrap();
+    node.registry.wait_idle().await;
+    node.stop().await;
+
+    // Flip one byte of the second chunk where the disk tier stored it.
+    let needle = &bytes[CHUNK_SIZE as usize + 4096..CHUNK_SIZE as usize + 4096 + 64];
+    let mut flipped = 0;
+    let mut stack = vec![cache.path().join("tiers")];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+                continue;
+            }
+            let mut content = std::fs::read(entry.path()).unwrap();
+            let positions: Vec<usize> = memchr::memmem::find_iter(&content, needle).collect();
+            for pos in positions {
+                content[pos + 10] ^= 0x55;
+                flipped += 1;
+            }
+            std::fs::write(entry.path(), &content).unwrap();
+        }
+    }
+    assert!(flipped >= 1, "the chunk was not found on disk");
+
+    s3.tap.reset();
+    let node = TestNode::start(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = node
+        .agent(dir.path())
+        .prefetch(&r("m"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_same_files(&fetched.path, &files);
+    let gets = s3.tap.gets();
+    assert_eq!(
+        gets.values().map(Vec::len).sum::<usize>(),
+        1,
+        "only the corrupted chunk is read again: {gets:?}"
+    );
+}
