@@ -23,9 +23,9 @@ use modelcache_proto::CHUNK_SIZE;
 /// Size of a foyer disk block: the largest entry it stores and the unit it evicts.
 const DISK_BLOCK_SIZE: usize = 8 * CHUNK_SIZE as usize;
 /// Flush buffer shared by the flushers; a full buffer drops entries.
-const FLUSH_BUFFER_SIZE: usize = 128 * 1024 * 1024;
+const FLUSH_BUFFER_SIZE: usize = 64 * 1024 * 1024;
 /// Entries waiting to be flushed beyond which foyer drops new ones.
-const SUBMIT_QUEUE_THRESHOLD: usize = 512 * 1024 * 1024;
+const SUBMIT_QUEUE_THRESHOLD: usize = 192 * 1024 * 1024;
 const FLUSHERS: usize = 4;
 
 /// Identifies one chunk of one file version: BLAKE3 of the model, path, size, ETag, index.

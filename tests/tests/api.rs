@@ -148,6 +148,22 @@ async fn fetch_from_an_offset_and_pinned_revisions() {
     ];
     assert_eq!(got, expected);
 
+    // The model is now partly cached: a full fetch reads only the missing chunk.
+    s3.tap.reset();
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = node
+        .agent(dir.path())
+        .prefetch(&r("m"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_same_files(&fetched.path, &files);
+    let gets = s3.tap.gets();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert_eq!(
+        gets["models/m/a.bin"],
+        vec![format!("bytes=0-{}", CHUNK_SIZE - 1)]
+    );
+
     let err = client
         .fetch(FetchRequest {
             reference: "m".into(),
@@ -284,4 +300,39 @@ async fn corrupted_disk_entry_is_detected_and_read_again() {
         1,
         "only the corrupted chunk is read again: {gets:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_fetch_streams_before_the_object_is_read() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![("model.bin".into(), data(80, 20 * MIB))];
+    seed(&s3, "m", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = node_config(&s3, cache.path());
+    config.origin_parallelism = 2;
+    let node = TestNode::start(config).await;
+    s3.tap.get_delay_ms.store(100, Ordering::SeqCst);
+    let mut client = node.client().await;
+    let mut stream = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _manifest = stream.next().await.unwrap().unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(matches!(first.item, Some(fetch_response::Item::Chunk(ref c)) if c.offset == 0));
+    let reads_so_far = s3.tap.get_count();
+    assert!(
+        reads_so_far < 10,
+        "the first chunk came only after {reads_so_far} of 10 origin reads"
+    );
+    let mut chunks = 1;
+    while let Some(msg) = stream.next().await {
+        msg.unwrap();
+        chunks += 1;
+    }
+    assert_eq!(chunks, 10);
 }
