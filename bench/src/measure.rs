@@ -157,6 +157,37 @@ pub async fn fetch_discard(url: &str, reference: &str) -> Result<u64> {
     Ok(bytes)
 }
 
+/// Like `fetch_discard`, checking every chunk's BLAKE3 as the agent does; returns the bytes.
+pub async fn fetch_verify_discard(url: &str, reference: &str) -> Result<u64> {
+    let mut client = cache_agent::node::connect(&[url.to_owned()]).await?;
+    let mut stream = client
+        .fetch(modelcache_proto::v1::FetchRequest {
+            reference: reference.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut bytes = 0u64;
+    while let Some(msg) = stream.message().await? {
+        if let Some(modelcache_proto::v1::fetch_response::Item::Chunk(c)) = msg.item {
+            let len = c.data.len() as u64;
+            let ok = tokio::task::spawn_blocking(move || {
+                blake3::hash(&c.data).as_bytes().as_slice() == c.blake3.as_slice()
+            })
+            .await?;
+            ensure!(ok, "a chunk failed its BLAKE3");
+            bytes += len;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Removes a file or a directory tree, ignoring what is not there.
+pub fn remove(path: &Path) {
+    let _ = std::fs::remove_dir_all(path);
+    let _ = std::fs::remove_file(path);
+}
+
 fn agent(bin: &Path, node: &str, dir: &Path, reference: &str) -> Command {
     let mut cmd = Command::new(bin.join("cache-agent"));
     cmd.arg("--node")
