@@ -138,8 +138,9 @@ pub async fn direct_ranged_get(s3: &S3Server, key: &str, dest: &Path, size: u64)
     Ok(())
 }
 
-/// A gRPC client that fetches a model from the node and discards the bytes.
-pub async fn fetch_discard(url: &str, reference: &str) -> Result<u64> {
+/// A gRPC client that fetches a model from the node and discards the bytes; with `verify`
+/// it checks every chunk's BLAKE3 first, as the agent does. Returns the bytes received.
+pub async fn fetch_discard(url: &str, reference: &str, verify: bool) -> Result<u64> {
     let mut client = cache_agent::node::connect(&[url.to_owned()]).await?;
     let mut stream = client
         .fetch(modelcache_proto::v1::FetchRequest {
@@ -152,31 +153,13 @@ pub async fn fetch_discard(url: &str, reference: &str) -> Result<u64> {
     while let Some(msg) = stream.message().await? {
         if let Some(modelcache_proto::v1::fetch_response::Item::Chunk(c)) = msg.item {
             bytes += c.data.len() as u64;
-        }
-    }
-    Ok(bytes)
-}
-
-/// Like `fetch_discard`, checking every chunk's BLAKE3 as the agent does; returns the bytes.
-pub async fn fetch_verify_discard(url: &str, reference: &str) -> Result<u64> {
-    let mut client = cache_agent::node::connect(&[url.to_owned()]).await?;
-    let mut stream = client
-        .fetch(modelcache_proto::v1::FetchRequest {
-            reference: reference.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut bytes = 0u64;
-    while let Some(msg) = stream.message().await? {
-        if let Some(modelcache_proto::v1::fetch_response::Item::Chunk(c)) = msg.item {
-            let len = c.data.len() as u64;
-            let ok = tokio::task::spawn_blocking(move || {
-                blake3::hash(&c.data).as_bytes().as_slice() == c.blake3.as_slice()
-            })
-            .await?;
-            ensure!(ok, "a chunk failed its BLAKE3");
-            bytes += len;
+            if verify {
+                let ok = tokio::task::spawn_blocking(move || {
+                    blake3::hash(&c.data).as_bytes().as_slice() == c.blake3.as_slice()
+                })
+                .await?;
+                ensure!(ok, "a chunk failed its BLAKE3");
+            }
         }
     }
     Ok(bytes)

@@ -238,3 +238,79 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Reference {
+        Reference::parse(s).unwrap()
+    }
+
+    #[test]
+    fn distinct_name_variant_pairs_never_share_or_nest_paths() {
+        let layout = Layout::new("/cache");
+        let refs = [
+            r("a:int8"),
+            r("a/int8"),
+            r("a"),
+            r("a/int8:fp16"),
+            r("a-int8"),
+            r("a/b/c:original"),
+        ];
+        let mut owned: Vec<(PathBuf, PathBuf)> = refs
+            .iter()
+            .map(|x| (layout.link(x), layout.store(x)))
+            .collect();
+        assert_eq!(layout.link(&r("a:int8")), PathBuf::from("/cache/a/@int8"));
+        assert_eq!(
+            layout.link(&r("a/int8")),
+            PathBuf::from("/cache/a/int8/@original")
+        );
+        owned.sort();
+        for (i, (link_a, store_a)) in owned.iter().enumerate() {
+            for (link_b, store_b) in owned.iter().skip(i + 1) {
+                for a in [link_a, store_a] {
+                    for b in [link_b, store_b] {
+                        assert!(
+                            !a.starts_with(b) && !b.starts_with(a),
+                            "{} vs {}",
+                            a.display(),
+                            b.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn publish_swaps_the_link_and_list_finds_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let reference = r("org/minilm:original");
+        for rev in ["rev1", "rev2"] {
+            std::fs::create_dir_all(layout.revision_dir(&reference, rev)).unwrap();
+            let manifest = LocalManifest {
+                name: "org/minilm".into(),
+                variant: "original".into(),
+                revision: rev.into(),
+                chunk_size: 4,
+                files: vec![],
+            };
+            layout.write_manifest(&reference, &manifest).unwrap();
+            layout.publish(&reference, rev).unwrap();
+            assert_eq!(layout.current(&reference).unwrap().revision, rev);
+        }
+        let listed = layout.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].reference, reference);
+        assert!(layout.remove(&reference).unwrap());
+        assert!(layout.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "empty folders are removed"
+        );
+    }
+}

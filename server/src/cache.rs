@@ -270,3 +270,43 @@ impl std::fmt::Display for SharedError {
 }
 
 impl std::error::Error for SharedError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_value_round_trips_and_rejects_bad_entries() {
+        let value = ChunkValue::new(Bytes::from(vec![7u8; 1000]));
+        let mut buf = Vec::new();
+        value.encode(&mut buf).unwrap();
+        assert_eq!(buf.len(), value.estimated_size());
+        let back = ChunkValue::decode(&mut buf.as_slice()).unwrap();
+        assert_eq!(back.data, value.data);
+        assert!(back.is_intact());
+
+        let truncated = &buf[..buf.len() - 1];
+        assert!(ChunkValue::decode(&mut &truncated[..]).is_err());
+        let mut huge = buf.clone();
+        huge[32..40].copy_from_slice(&(CHUNK_SIZE + 1).to_le_bytes());
+        assert!(ChunkValue::decode(&mut huge.as_slice()).is_err());
+
+        let mut flipped = back.clone();
+        flipped.data = Bytes::from(vec![8u8; 1000]);
+        assert!(!flipped.is_intact());
+    }
+
+    #[test]
+    fn chunk_keys_differ_by_every_part() {
+        let base = ChunkKey::new("m", "original", "a.bin", 10, "e1", 0);
+        assert_ne!(base, ChunkKey::new("m", "original", "a.bin", 10, "e2", 0));
+        assert_ne!(base, ChunkKey::new("m", "original", "a.bin", 10, "e1", 1));
+        assert_ne!(base, ChunkKey::new("m", "int8", "a.bin", 10, "e1", 0));
+        assert_ne!(base, ChunkKey::new("m", "original", "a.bin", 11, "e1", 0));
+        // Length-prefixed parts: moving a boundary changes the key.
+        assert_ne!(
+            ChunkKey::new("ab", "original", "c", 1, "", 0),
+            ChunkKey::new("a", "original", "bc", 1, "", 0)
+        );
+    }
+}

@@ -173,7 +173,8 @@ async fn main() -> Result<()> {
         measure::curl(&nginx_url, &opts.work.join("curl-sha.bin"))?;
         measure::sha256sum(&opts.work.join("curl-sha.bin"))
     })?;
-    let node_discard = measure::timed_async(measure::fetch_discard(&node.url, "single")).await?;
+    let node_discard =
+        measure::timed_async(measure::fetch_discard(&node.url, "single", false)).await?;
     let curl_null = measure::timed(|| measure::curl(&nginx_url, Path::new("/dev/null")))?;
     table.push(Row::throughput(
         "T1",
@@ -233,7 +234,7 @@ async fn main() -> Result<()> {
     // clients verify every chunk's BLAKE3 like the agent does and discard the bytes.
     let node = measure::NodeProcess::start(&opts.bin, &s3, &opts.work.join("node-16"), "2GiB")?;
     s3.tap.reset();
-    let clients = (0..16).map(|_| measure::fetch_verify_discard(&node.url, "multi"));
+    let clients = (0..16).map(|_| measure::fetch_discard(&node.url, "multi", true));
     for received in futures::future::join_all(clients).await {
         anyhow::ensure!(
             received? == multi_size,
