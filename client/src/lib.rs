@@ -40,6 +40,9 @@ pub const WEIGHT_EXTENSIONS: &[&str] = &[
     "msgpack",
 ];
 
+/// How many times `prefetch` starts over when the model changes during a transfer.
+pub const MAX_ATTEMPTS: u32 = 3;
+
 /// What `verify` found for one local model.
 #[derive(Clone, Debug)]
 pub struct VerifyReport {
@@ -91,9 +94,20 @@ impl Agent {
     }
 
     /// Fetches one model variant into its local directory, verified; returns where it is.
+    /// A model that changes in the origin during the transfer (`ABORTED`) is fetched again
+    /// at its new revision, a few times at most.
     pub async fn prefetch(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
         let mut client = self.client().await?;
-        transfer::prefetch(&mut client, &self.layout, reference, progress).await
+        let mut attempt = 1;
+        loop {
+            match transfer::prefetch(&mut client, &self.layout, reference, progress).await {
+                Err(e) if e.code() == Some(tonic::Code::Aborted) && attempt < MAX_ATTEMPTS => {
+                    tracing::info!(%reference, "{e}; fetching the new revision");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Like `prefetch`; with `weights`, the path of the model's only weight file.

@@ -266,9 +266,14 @@ impl Origin {
             .get_opts(&location, options)
             .await
             .map_err(|e| self.classify(name, e))?;
-        let found = version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified);
-        let comparable = file.etag.starts_with(MODIFIED_TAG) == found.starts_with(MODIFIED_TAG);
-        if comparable && found != file.etag {
+        // Compare like with like: a revision built from modification times (listings
+        // without ETags) is checked against the response's modification time.
+        let found = if file.etag.starts_with(MODIFIED_TAG) {
+            version_tag(None, result.meta.last_modified)
+        } else {
+            version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified)
+        };
+        if found != file.etag {
             return Err(Error::OriginChanged {
                 origin: self.display.clone(),
                 name: name.to_owned(),

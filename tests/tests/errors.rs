@@ -327,3 +327,30 @@ async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
         .unwrap();
     assert_same_files(&fetched.path, &v2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
+    let s3 = S3Server::start().await;
+    let v1: ModelFiles = vec![("model.onnx".into(), data(90, 8 * MIB))];
+    seed(&s3, "resnet50", &v1).await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = node_config(&s3, cache.path());
+    config.revalidate_after = Duration::from_millis(100);
+    config.origin_parallelism = 1;
+    let node = TestNode::start(config).await;
+    let first = node.registry.resolve(&r("resnet50")).await.unwrap().revision.id.clone();
+    // Versions here are modification times in seconds: let the second tick over first.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s3.tap.get_delay_ms.store(300, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let agent = node.agent(dir.path());
+    let fetch =
+        tokio::spawn(async move { agent.prefetch(&r("resnet50"), &Progress::hidden()).await });
+    assert!(wait_for(Duration::from_secs(10), || s3.tap.get_count() >= 1).await);
+    let v2: ModelFiles = vec![("model.onnx".into(), data(91, 8 * MIB + 1))];
+    seed(&s3, "resnet50", &v2).await;
+    s3.tap.get_delay_ms.store(0, Ordering::SeqCst);
+    let fetched = fetch.await.unwrap().unwrap();
+    assert_ne!(fetched.revision, first, "the transfer started on the first revision");
+    assert_same_files(&fetched.path, &v2);
+}
