@@ -2,8 +2,9 @@
 //! is saved next to the disk tier so that a restarted node can serve without the origin.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use modelcache_proto::{CHUNK_SIZE, chunk_count, v1};
 use serde::{Deserialize, Serialize};
@@ -56,6 +57,9 @@ pub struct Revision {
     known_chunks: AtomicU64,
     /// Set once the background SHA-256 / persistence task has been started.
     pub finishing: AtomicBool,
+    /// When the origin last listed exactly this revision (saved, so that a restarted node
+    /// trusts it for the rest of `--revalidate-after` without asking the origin).
+    confirmed_at: Mutex<Option<SystemTime>>,
 }
 
 /// The revision of a file list: BLAKE3 over every path, size and ETag, in path order.
@@ -99,6 +103,7 @@ impl Revision {
             total_chunks,
             known_chunks: AtomicU64::new(0),
             finishing: AtomicBool::new(false),
+            confirmed_at: Mutex::new(None),
         };
         rev.recount();
         rev
@@ -120,6 +125,17 @@ impl Revision {
             return self.known_chunks.fetch_add(1, Ordering::AcqRel) + 1 == self.total_chunks;
         }
         false
+    }
+
+    /// Records that the origin just listed this revision.
+    pub fn confirm(&self) {
+        *self.confirmed_at.lock().expect("revision lock poisoned") = Some(SystemTime::now());
+    }
+
+    /// How long ago the origin last listed this revision, if it ever did.
+    pub fn confirmed_ago(&self) -> Option<Duration> {
+        let at = (*self.confirmed_at.lock().expect("revision lock poisoned"))?;
+        Some(SystemTime::now().duration_since(at).unwrap_or_default())
     }
 
     /// Whether every chunk's digest is known (the model was read in full).
@@ -186,6 +202,9 @@ fn copy_known(from: &FileRecord, to: &FileRecord) {
 struct SavedRevision {
     name: String,
     revision: String,
+    /// Unix time (seconds) when the origin last listed this revision.
+    #[serde(default)]
+    confirmed_unix: Option<u64>,
     files: Vec<SavedFile>,
 }
 
@@ -219,9 +238,13 @@ impl ManifestStore {
     }
 
     pub fn save(&self, rev: &Revision) -> Result<()> {
+        let confirmed = *rev.confirmed_at.lock().expect("revision lock poisoned");
         let saved = SavedRevision {
             name: rev.name.clone(),
             revision: rev.id.clone(),
+            confirmed_unix: confirmed
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
             files: rev
                 .files
                 .iter()
@@ -305,5 +328,8 @@ fn restore(saved: SavedRevision) -> Result<Revision, String> {
         }
     }
     rev.recount();
+    *rev.confirmed_at.lock().expect("fresh lock") = saved
+        .confirmed_unix
+        .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
     Ok(rev)
 }

@@ -75,9 +75,16 @@ impl Registry {
         let mut models = HashMap::new();
         for rev in manifests.load_all() {
             let name = rev.name.clone();
+            // A revision the origin confirmed less than `revalidate_after` ago is trusted
+            // for the rest of that time: a restarted node serves without asking the origin.
+            let validated_at = rev
+                .confirmed_ago()
+                .filter(|ago| *ago < revalidate_after)
+                .and_then(|ago| Instant::now().checked_sub(ago));
             let slot = ModelSlot {
                 state: Mutex::new(SlotState {
                     current: Some(Arc::new(rev)),
+                    validated_at,
                     ..SlotState::default()
                 }),
                 ..ModelSlot::default()
@@ -156,9 +163,13 @@ impl Registry {
                     .filter(|cur| cur.id == crate::manifest::revision_id(&files))
                     .cloned();
                 let revision = match unchanged {
-                    Some(cur) => cur,
+                    Some(cur) => {
+                        cur.confirm();
+                        cur
+                    }
                     None => {
                         let rev = Arc::new(Revision::new(name, files, state.current.as_deref()));
+                        rev.confirm();
                         if let Err(e) = self.manifests.save(&rev) {
                             tracing::warn!(model = name, "could not save manifest: {e}");
                         }

@@ -338,7 +338,14 @@ async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
     config.revalidate_after = Duration::from_millis(100);
     config.origin_parallelism = 1;
     let node = TestNode::start(config).await;
-    let first = node.registry.resolve(&r("resnet50")).await.unwrap().revision.id.clone();
+    let first = node
+        .registry
+        .resolve(&r("resnet50"))
+        .await
+        .unwrap()
+        .revision
+        .id
+        .clone();
     // Versions here are modification times in seconds: let the second tick over first.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     s3.tap.get_delay_ms.store(300, Ordering::SeqCst);
@@ -351,6 +358,9 @@ async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
     seed(&s3, "resnet50", &v2).await;
     s3.tap.get_delay_ms.store(0, Ordering::SeqCst);
     let fetched = fetch.await.unwrap().unwrap();
-    assert_ne!(fetched.revision, first, "the transfer started on the first revision");
+    assert_ne!(
+        fetched.revision, first,
+        "the transfer started on the first revision"
+    );
     assert_same_files(&fetched.path, &v2);
 }

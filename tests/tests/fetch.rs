@@ -156,8 +156,30 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
     node.registry.wait_idle().await;
     node.stop().await;
 
-    s3.stop();
+    // Within --revalidate-after of the last listing, a restarted node does not even ask
+    // the origin.
+    s3.tap.reset();
     let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = node
+        .agent(dir.path())
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_same_files(&fetched.path, &files);
+    assert_eq!(
+        s3.tap.requests.load(Ordering::SeqCst),
+        0,
+        "the origin was asked: {:?}",
+        s3.tap.gets()
+    );
+    node.stop().await;
+
+    // Past it, with the origin gone, the node serves its disk tier and says it is stale.
+    s3.stop();
+    let mut config = node_config(&s3, cache.path());
+    config.revalidate_after = std::time::Duration::ZERO;
+    let node = TestNode::start(config).await;
     let dir = tempfile::tempdir().unwrap();
     let fetched = node
         .agent(dir.path())
