@@ -135,6 +135,21 @@ impl TestNode {
         }
     }
 
+    /// Prefetches `reference` through a new agent into a new temporary directory.
+    pub async fn prefetch_fresh(
+        &self,
+        reference: &str,
+    ) -> (tempfile::TempDir, cache_agent::Fetched) {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = modelcache_proto::Reference::parse(reference).unwrap();
+        let fetched = self
+            .agent(dir.path())
+            .prefetch(&reference, &cache_agent::Progress::hidden())
+            .await
+            .unwrap_or_else(|e| panic!("prefetch {reference}: {e}"));
+        (dir, fetched)
+    }
+
     pub fn agent(&self, dir: &Path) -> cache_agent::Agent {
         cache_agent::Agent::new(vec![self.url.clone()], dir)
     }

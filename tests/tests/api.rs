@@ -65,12 +65,7 @@ async fn prefetch_warms_the_node_and_list_shows_tiers() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     s3.tap.reset();
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("resnet50"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &files);
     assert_eq!(
         s3.tap.get_count(),
@@ -150,12 +145,7 @@ async fn fetch_from_an_offset_and_pinned_revisions() {
 
     // The model is now partly cached: a full fetch reads only the missing chunk.
     s3.tap.reset();
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("m"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
     assert_same_files(&fetched.path, &files);
     let gets = s3.tap.gets();
     assert_eq!(gets.len(), 1, "{gets:?}");
@@ -287,12 +277,7 @@ async fn corrupted_disk_entry_is_detected_and_read_again() {
 
     s3.tap.reset();
     let node = TestNode::start(config).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("m"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
     assert_same_files(&fetched.path, &files);
     let gets = s3.tap.gets();
     assert_eq!(

@@ -269,12 +269,7 @@ async fn client_vanishing_mid_stream_does_not_hurt_others() {
         drop(client);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("resnet50"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &files);
 }
 
@@ -319,12 +314,7 @@ async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
     let manifest = agent.stat(&r("resnet50")).await.unwrap();
     assert_eq!(manifest.revision, second.revision);
     assert!(manifest.stale, "{manifest:?}");
-    let dir2 = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir2.path())
-        .prefetch(&r("resnet50"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir2, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &v2);
 }
 

@@ -36,12 +36,7 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
     let cache = tempfile::tempdir().unwrap();
     let node = TestNode::start(node_config(&s3, cache.path())).await;
 
-    let dir1 = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir1.path())
-        .prefetch(&r("org/minilm"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (dir1, fetched) = node.prefetch_fresh("org/minilm").await;
     assert_eq!(fetched.path, dir1.path().join("org/minilm/@original"));
     assert_same_files(&fetched.path, &files);
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
@@ -54,12 +49,7 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
 
     // Warm node, empty agent directory: nothing from the origin (revalidation is a LIST).
     s3.tap.reset();
-    let dir2 = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir2.path())
-        .prefetch(&r("org/minilm"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (dir2, fetched) = node.prefetch_fresh("org/minilm").await;
     assert_same_files(&fetched.path, &files);
     assert_eq!(
         s3.tap.get_count(),
@@ -160,12 +150,7 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
     // the origin.
     s3.tap.reset();
     let node = TestNode::start(node_config(&s3, cache.path())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("resnet50"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &files);
     assert_eq!(
         s3.tap.requests.load(Ordering::SeqCst),
@@ -180,12 +165,7 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
     let mut config = node_config(&s3, cache.path());
     config.revalidate_after = std::time::Duration::ZERO;
     let node = TestNode::start(config).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fetched = node
-        .agent(dir.path())
-        .prefetch(&r("resnet50"), &Progress::hidden())
-        .await
-        .unwrap();
+    let (dir, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &files);
     let manifest = node.agent(dir.path()).stat(&r("resnet50")).await.unwrap();
     assert!(manifest.stale, "Resolve says the revision is served stale");
