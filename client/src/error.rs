@@ -44,6 +44,9 @@ pub enum AgentError {
     #[error("{reference}: {detail}")]
     Corrupt { reference: String, detail: String },
 
+    #[error("{reference}: {detail}; use `cache-agent get {reference}` for the directory")]
+    WeightFile { reference: String, detail: String },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

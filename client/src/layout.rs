@@ -148,8 +148,8 @@ impl Layout {
         Ok(link)
     }
 
-    /// Removes revisions other than `keep` (and other downloads in progress); the
-    /// previous revision stays for readers that still have it open when `keep_previous`.
+    /// Removes revisions (and downloads in progress) other than those in `keep`; callers
+    /// keep the previous revision for readers that still have it open.
     pub fn prune(&self, r: &Reference, keep: &[&str]) {
         let Ok(entries) = std::fs::read_dir(self.store(r)) else {
             return;

@@ -140,11 +140,11 @@ impl Agent {
             .collect();
         match candidates.as_slice() {
             [one] => Ok(fetched.path.join(one)),
-            [] => Err(AgentError::Corrupt {
+            [] => Err(AgentError::WeightFile {
                 reference: reference.to_string(),
                 detail: "the model has no weight file".into(),
             }),
-            many => Err(AgentError::Corrupt {
+            many => Err(AgentError::WeightFile {
                 reference: reference.to_string(),
                 detail: format!(
                     "the model has {} weight files: {}",

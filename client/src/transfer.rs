@@ -286,12 +286,7 @@ async fn receive(
         .map(|item| async move {
             let chunk = match item?.item {
                 Some(fetch_response::Item::Chunk(c)) => c,
-                _ => {
-                    return Err(AgentError::Protocol {
-                        reference: String::new(),
-                        detail: "expected a chunk".into(),
-                    });
-                }
+                _ => return Err(protocol(reference, "expected a chunk after the manifest")),
             };
             tokio::task::spawn_blocking(move || {
                 let digest = *blake3::hash(&chunk.data).as_bytes();
@@ -304,10 +299,7 @@ async fn receive(
 
     let mut transferred = 0u64;
     while let Some(result) = verified.next().await {
-        let (chunk, digest) = result.map_err(|e| match e {
-            AgentError::Protocol { detail, .. } => protocol(reference, detail),
-            other => other,
-        })?;
+        let (chunk, digest) = result?;
         let entry = &m.files[file];
         let expected_len = (entry.size - offset).min(m.chunk_size);
         if chunk.file_index as usize != file

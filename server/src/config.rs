@@ -91,7 +91,7 @@ impl Config {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let matches = Self::command()
             .try_get_matches_from(&args)
-            .map_err(|e| Error::Config(e.render().to_string()))?;
+            .map_err(|e| Error::Cli(Box::new(e)))?;
         let first = Self::from_arg_matches(&matches).map_err(|e| Error::Config(e.to_string()))?;
         let Some(file) = &first.config else {
             return Ok(first);

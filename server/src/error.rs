@@ -72,6 +72,19 @@ pub enum Error {
     },
 
     #[error(
+        "origin {origin} failed while sending bytes {start}..{end} of {name}/{path}: {detail}; \
+         the transfer was cut short, retry"
+    )]
+    OriginReadFailed {
+        origin: String,
+        name: String,
+        path: String,
+        start: u64,
+        end: u64,
+        detail: String,
+    },
+
+    #[error(
         "{name}/{path} changed in origin {origin} while being read (ETag {expected} became \
          {found}); fetch again to get the new revision"
     )]
@@ -81,6 +94,16 @@ pub enum Error {
         path: String,
         expected: String,
         found: String,
+    },
+
+    #[error(
+        "{name}/{path} was removed from origin {origin} while being read; fetch again to get \
+         the current revision"
+    )]
+    OriginFileGone {
+        origin: String,
+        name: String,
+        path: String,
     },
 
     #[error(
@@ -101,6 +124,10 @@ pub enum Error {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// A flag clap rejected, or `--help` / `--version`.
+    #[error("{0}")]
+    Cli(Box<clap::Error>),
 
     /// One error seen by every waiter of a shared chunk fetch.
     #[error("{0}")]
@@ -129,11 +156,15 @@ impl Error {
             Error::OffsetOutOfRange { .. } => Code::OutOfRange,
             Error::UnsafeModelPath { .. } | Error::OriginDenied { .. } => Code::FailedPrecondition,
             Error::VariantUnavailable { .. } => Code::Unimplemented,
-            Error::OriginUnavailable { .. } | Error::OriginTruncated { .. } => Code::Unavailable,
-            Error::OriginChanged { .. } | Error::RevisionChanged { .. } => Code::Aborted,
+            Error::OriginUnavailable { .. }
+            | Error::OriginTruncated { .. }
+            | Error::OriginReadFailed { .. } => Code::Unavailable,
+            Error::OriginChanged { .. }
+            | Error::OriginFileGone { .. }
+            | Error::RevisionChanged { .. } => Code::Aborted,
             Error::Origin { .. } => Code::Unavailable,
             Error::Shared(inner) => inner.code(),
-            Error::Cache(_) | Error::Config(_) | Error::Io { .. } => Code::Internal,
+            Error::Cache(_) | Error::Config(_) | Error::Cli(_) | Error::Io { .. } => Code::Internal,
         }
     }
 }

@@ -9,16 +9,8 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,
-        Err(cache_node::Error::Config(text))
-            if text.contains("Usage") || text.starts_with("cache-node") =>
-        {
-            print!("{text}");
-            return if text.contains("error:") {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        // Help and version on stdout with status 0, usage errors on stderr with status 2.
+        Err(cache_node::Error::Cli(e)) => e.exit(),
         Err(e) => {
             eprintln!("cache-node: {e}");
             return ExitCode::from(2);

@@ -260,12 +260,37 @@ impl Origin {
             range: Some(GetRange::Bounded(range.clone())),
             ..Default::default()
         };
+        // Once the model is listed, a failing ranged read is a transfer cut short (a dropped
+        // connection, a reset), not an unreachable origin; a refused signature stays denied.
+        let read_error = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => Error::OriginFileGone {
+                origin: self.display.clone(),
+                name: name.to_owned(),
+                path: file.path.clone(),
+            },
+            other => match self.classify(name, other) {
+                denied @ Error::OriginDenied { .. } => denied,
+                failed => Error::OriginReadFailed {
+                    origin: self.display.clone(),
+                    name: name.to_owned(),
+                    path: file.path.clone(),
+                    start: range.start,
+                    end: range.end,
+                    detail: match failed {
+                        Error::OriginUnavailable { detail, .. } | Error::Origin { detail, .. } => {
+                            detail
+                        }
+                        other => other.to_string(),
+                    },
+                },
+            },
+        };
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let result = self
             .store
             .get_opts(&location, options)
             .await
-            .map_err(|e| self.classify(name, e))?;
+            .map_err(read_error)?;
         // Compare like with like: a revision built from modification times (listings
         // without ETags) is checked against the response's modification time.
         let found = if file.etag.starts_with(MODIFIED_TAG) {
@@ -282,26 +307,19 @@ impl Origin {
                 found,
             });
         }
-        let truncated = |got: u64| Error::OriginTruncated {
-            origin: self.display.clone(),
-            name: name.to_owned(),
-            path: file.path.clone(),
-            start: range.start,
-            end: range.end,
-            got,
-        };
-        let bytes = result
-            .bytes()
-            .await
-            .map_err(|e| match self.classify(name, e) {
-                Error::Origin { .. } | Error::OriginUnavailable { .. } => truncated(0),
-                other => other,
-            })?;
+        let bytes = result.bytes().await.map_err(read_error)?;
         self.counters
             .bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if bytes.len() as u64 != range.end - range.start {
-            return Err(truncated(bytes.len() as u64));
+            return Err(Error::OriginTruncated {
+                origin: self.display.clone(),
+                name: name.to_owned(),
+                path: file.path.clone(),
+                start: range.start,
+                end: range.end,
+                got: bytes.len() as u64,
+            });
         }
         Ok(bytes)
     }

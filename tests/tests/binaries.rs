@@ -36,16 +36,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Size of the file being written for `name`'s current download, if any.
-fn partial_size(dir: &Path, name: &str, file: &str) -> u64 {
+/// Bytes a download of `name` has recorded as verified and written (its progress file).
+fn recorded_progress(dir: &Path, name: &str, sizes: &[u64]) -> u64 {
     let store = dir.join(name).join(".original");
     std::fs::read_dir(&store)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-        .filter_map(|e| std::fs::metadata(e.path().join(file)).ok())
-        .map(|m| m.len())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".progress.json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| {
+            let file = v["file"].as_u64().unwrap_or(0) as usize;
+            sizes[..file.min(sizes.len())].iter().sum::<u64>() + v["offset"].as_u64().unwrap_or(0)
+        })
         .max()
         .unwrap_or(0)
 }
@@ -106,10 +110,12 @@ async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
             .spawn()
             .unwrap(),
     );
+    let sizes: Vec<u64> = files.iter().map(|(_, b)| b.len() as u64).collect();
     let got_some = wait_for(Duration::from_secs(60), || {
-        partial_size(dir.path(), "big", "model.bin") >= 8 * MIB as u64
+        recorded_progress(dir.path(), "big", &sizes) >= 8 * MIB as u64
     })
     .await;
+
     assert!(got_some, "the first run never got going");
     first.0.kill().unwrap();
     first.0.wait().unwrap();
@@ -258,6 +264,18 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_rejects_bad_flags_with_one_line() {
+    let out = Command::new(binary("cache-node"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--revalidate-after"));
+    let out = Command::new(binary("cache-node"))
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
     let out = Command::new(binary("cache-node"))
         .args(["--revalidate-after", "soon"])
         .output()

@@ -354,3 +354,31 @@ async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
     );
     assert_same_files(&fetched.path, &v2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_deleted_mid_transfer_ends_not_found_and_publishes_nothing() {
+    let s3 = S3Server::start().await;
+    seed(
+        &s3,
+        "resnet50",
+        &vec![("model.onnx".into(), data(92, 8 * MIB))],
+    )
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = node_config(&s3, cache.path());
+    config.revalidate_after = Duration::from_millis(100);
+    config.origin_parallelism = 1;
+    let node = TestNode::start(config).await;
+    s3.tap.get_delay_ms.store(300, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let agent = node.agent(dir.path());
+    let fetch =
+        tokio::spawn(async move { agent.prefetch(&r("resnet50"), &Progress::hidden()).await });
+    assert!(wait_for(Duration::from_secs(10), || s3.tap.get_count() >= 1).await);
+    s3.delete("resnet50/model.onnx").await;
+    s3.tap.get_delay_ms.store(0, Ordering::SeqCst);
+    let err = fetch.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err:?}");
+    assert!(err.to_string().contains("resnet50"), "{err}");
+    assert!(!dir.path().join("resnet50/@original").exists());
+}
