@@ -1,0 +1,299 @@
+//! Number formats and the per-channel / per-block quantizers shared by every file format.
+
+use half::{bf16, f16};
+
+/// Largest magnitude of a symmetric int8 code.
+pub const INT8_MAX: f32 = 127.0;
+/// Largest magnitude of a symmetric int4 code.
+pub const INT4_MAX: f32 = 7.0;
+
+/// Clipping ratios tried for each channel: the scale that minimises the squared
+/// quantization error wins, so a few outliers do not flatten the rest of the channel.
+const CLIP_RATIOS: [f32; 8] = [1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.7, 0.6];
+
+pub fn f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+pub fn bf16_bits(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+
+pub fn f16_value(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+pub fn bf16_value(bits: u16) -> f32 {
+    bf16::from_bits(bits).to_f32()
+}
+
+/// Whether every value fits float16 without turning into infinity.
+pub fn fits_f16(values: &[f32]) -> bool {
+    values
+        .iter()
+        .all(|v| !v.is_finite() || v.abs() <= f16::MAX.to_f32())
+}
+
+fn round_code(x: f32, inv_scale: f32, max: f32) -> f32 {
+    (x * inv_scale).round().clamp(-max, max)
+}
+
+/// The scale for `values` with codes in `[-max, max]` that minimises the squared error of
+/// quantizing and dequantizing them (0 when every value is 0).
+pub fn best_scale(values: &[f32], max: f32) -> f32 {
+    let absmax = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    if absmax == 0.0 {
+        return 0.0;
+    }
+    let mut best = (f32::INFINITY, absmax / max);
+    for ratio in CLIP_RATIOS {
+        let scale = ratio * absmax / max;
+        let inv = 1.0 / scale;
+        let err: f32 = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| {
+                let d = v - round_code(v, inv, max) * scale;
+                d * d
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, scale);
+        }
+    }
+    best.1
+}
+
+/// Symmetric codes of `values` for `scale` (all 0 when the scale is 0).
+pub fn codes(values: &[f32], scale: f32, max: f32, out: &mut Vec<i8>) {
+    out.clear();
+    if scale == 0.0 {
+        out.resize(values.len(), 0);
+        return;
+    }
+    let inv = 1.0 / scale;
+    out.extend(values.iter().map(|&v| {
+        let v = if v.is_finite() { v } else { 0.0 };
+        round_code(v, inv, max) as i8
+    }));
+}
+
+/// A tensor's elements viewed as `[outer, channels, inner]` around `axis`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelView {
+    pub outer: usize,
+    pub channels: usize,
+    pub inner: usize,
+}
+
+impl ChannelView {
+    pub fn new(dims: &[usize], axis: usize) -> Self {
+        Self {
+            outer: dims[..axis].iter().product(),
+            channels: dims[axis],
+            inner: dims[axis + 1..].iter().product(),
+        }
+    }
+
+    fn index(&self, o: usize, c: usize, i: usize) -> usize {
+        (o * self.channels + c) * self.inner + i
+    }
+}
+
+/// Per-channel symmetric quantization along a view's channel axis: one scale per channel.
+pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec<f32>, Vec<i8>) {
+    let mut scales = Vec::with_capacity(view.channels);
+    let mut out = vec![0i8; values.len()];
+    let mut channel = Vec::with_capacity(view.outer * view.inner);
+    let mut q = Vec::new();
+    for c in 0..view.channels {
+        channel.clear();
+        for o in 0..view.outer {
+            for i in 0..view.inner {
+                channel.push(values[view.index(o, c, i)]);
+            }
+        }
+        let scale = best_scale(&channel, max);
+        codes(&channel, scale, max, &mut q);
+        let mut k = 0;
+        for o in 0..view.outer {
+            for i in 0..view.inner {
+                out[view.index(o, c, i)] = q[k];
+                k += 1;
+            }
+        }
+        scales.push(scale);
+    }
+    (scales, out)
+}
+
+/// Block-wise int4 along axis 0 of a `[rows, cols]` matrix, blocks of `block` rows:
+/// scales are `[ceil(rows / block), cols]`, codes in `[-7, 7]`.
+pub fn quantize_blocks_axis0(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    block: usize,
+) -> (Vec<f32>, Vec<i8>) {
+    let blocks = rows.div_ceil(block);
+    let mut scales = vec![0f32; blocks * cols];
+    let mut out = vec![0i8; values.len()];
+    let mut column = Vec::with_capacity(block);
+    let mut q = Vec::new();
+    for b in 0..blocks {
+        let (start, end) = (b * block, ((b + 1) * block).min(rows));
+        for c in 0..cols {
+            column.clear();
+            column.extend((start..end).map(|r| values[r * cols + c]));
+            let scale = best_scale(&column, INT4_MAX);
+            codes(&column, scale, INT4_MAX, &mut q);
+            for (k, r) in (start..end).enumerate() {
+                out[r * cols + c] = q[k];
+            }
+            scales[b * cols + c] = scale;
+        }
+    }
+    (scales, out)
+}
+
+/// Packs int4 codes two per byte, the first in the low nibble (ONNX INT4 layout).
+pub fn pack_int4(codes: &[i8]) -> Vec<u8> {
+    codes
+        .chunks(2)
+        .map(|pair| {
+            let lo = (pair[0] as u8) & 0x0f;
+            let hi = pair.get(1).map_or(0, |&v| (v as u8) & 0x0f);
+            lo | (hi << 4)
+        })
+        .collect()
+}
+
+/// ggml's rounding (`roundf`): halves away from zero.
+fn ggml_round(x: f32) -> f32 {
+    x.round()
+}
+
+pub const GGML_BLOCK: usize = 32;
+
+/// One row of Q8_0 blocks, as ggml and `gguf.quants` write them: per 32 values an f16
+/// scale `absmax / 127` then 32 int8 codes.
+pub fn q8_0_row(row: &[f32], out: &mut Vec<u8>) {
+    for block in row.chunks(GGML_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend_from_slice(&f16_bits(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| ggml_round(v * id) as i8 as u8));
+    }
+}
+
+/// One row of Q4_0 blocks: per 32 values an f16 scale `max / -8` (the signed value of
+/// largest magnitude) then 16 bytes, value `j` in the low nibble of byte `j` and value
+/// `j + 16` in its high nibble, codes offset by 8.
+pub fn q4_0_row(row: &[f32], out: &mut Vec<u8>) {
+    for block in row.chunks(GGML_BLOCK) {
+        let mut max = 0f32;
+        let mut amax = 0f32;
+        for &v in block {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend_from_slice(&f16_bits(d).to_le_bytes());
+        let code = |v: f32| ((v * id + 8.5).trunc() as i32).clamp(0, 15) as u8;
+        for j in 0..GGML_BLOCK / 2 {
+            out.push(code(block[j]) | (code(block[j + GGML_BLOCK / 2]) << 4));
+        }
+    }
+}
+
+/// Little-endian f32 values of `bytes` (whose length is a multiple of 4).
+pub fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+pub fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| f16_value(u16::from_le_bytes([b[0], b[1]])))
+        .collect()
+}
+
+pub fn bf16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| bf16_value(u16::from_le_bytes([b[0], b[1]])))
+        .collect()
+}
+
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+pub fn f16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&v| f16_bits(v).to_le_bytes())
+        .collect()
+}
+
+pub fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&v| bf16_bits(v).to_le_bytes())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_channel_scales_follow_each_channel() {
+        // Two channels along axis 0 whose magnitudes differ by 1000×.
+        let values: Vec<f32> = (0..64)
+            .map(|i| if i < 32 { i as f32 * 0.001 } else { i as f32 })
+            .collect();
+        let (scales, q) = quantize_per_channel(&values, ChannelView::new(&[2, 32], 0), INT8_MAX);
+        assert_eq!(scales.len(), 2);
+        assert!(scales[1] / scales[0] > 500.0, "{scales:?}");
+        for (i, (&v, &c)) in values.iter().zip(&q).enumerate() {
+            let back = c as f32 * scales[i / 32];
+            assert!((back - v).abs() <= scales[i / 32], "{i}: {v} vs {back}");
+        }
+    }
+
+    #[test]
+    fn clipping_search_beats_absmax_on_outliers() {
+        let mut values: Vec<f32> = (0..1024).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+        values[5] = 10.0;
+        let scale = best_scale(&values, INT8_MAX);
+        assert!(scale <= 10.0 / 127.0);
+    }
+
+    #[test]
+    fn q4_0_packs_like_ggml() {
+        let row: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
+        let mut out = Vec::new();
+        q4_0_row(&row, &mut out);
+        assert_eq!(out.len(), 18);
+        // max magnitude is -16 → d = 2; value -16 → code 0, value 15 → trunc(7.5+8.5)=16 → 15.
+        assert_eq!(f16_value(u16::from_le_bytes([out[0], out[1]])), 2.0);
+        assert_eq!(out[2] & 0x0f, 0);
+        assert_eq!(out[17] >> 4, 15);
+    }
+
+    #[test]
+    fn int4_packing_is_low_nibble_first() {
+        assert_eq!(pack_int4(&[1, -1, 7]), vec![0xf1, 0x07]);
+    }
+}
