@@ -341,7 +341,7 @@ fn target_type(variant: Variant, t: u32, dims: &[u64]) -> Option<u32> {
         return None;
     }
     let blocked = target == GGML_Q8_0 || target == GGML_Q4_0;
-    if blocked && dims[0] % num::GGML_BLOCK as u64 != 0 {
+    if blocked && !dims[0].is_multiple_of(num::GGML_BLOCK as u64) {
         return None;
     }
     Some(target)

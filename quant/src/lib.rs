@@ -76,7 +76,9 @@ impl Variant {
             (Format::Safetensors, Int8) => {
                 "compressed-tensors naive-quantized, int8 symmetric, channel strategy"
             }
-            (Format::Onnx, Int4) => "opset 21 block-wise int4 [-7,7], block 32 along K, MatMul",
+            (Format::Onnx, Int4) => {
+                "opset 21 block-wise int4 [-8,7], block 32 along K, clipping search, MatMul"
+            }
             (Format::Gguf, Int8 | Q8_0) => "ggml Q8_0",
             (Format::Gguf, Int4 | Q4_0) => "ggml Q4_0",
             _ => "",

@@ -4,8 +4,12 @@ use half::{bf16, f16};
 
 /// Largest magnitude of a symmetric int8 code.
 pub const INT8_MAX: f32 = 127.0;
-/// Largest magnitude of a symmetric int4 code.
+/// int4 codes span [-8, 7].
+pub const INT4_MIN: f32 = -8.0;
 pub const INT4_MAX: f32 = 7.0;
+/// Scales tried per int4 block, as multiples of `absmax / 8`: with only 16 levels, a fine
+/// search over clipping pays off far more than for int8.
+const INT4_RATIOS: usize = 24;
 
 /// Clipping ratios tried for each channel: the scale that minimises the squared
 /// quantization error wins, so a few outliers do not flatten the rest of the channel.
@@ -57,6 +61,35 @@ pub fn best_scale(values: &[f32], max: f32) -> f32 {
             .filter(|v| v.is_finite())
             .map(|&v| {
                 let d = v - round_code(v, inv, max) * scale;
+                d * d
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, scale);
+        }
+    }
+    best.1
+}
+
+/// The int4 scale (codes in [-8, 7]) for a block that minimises the squared error.
+pub fn best_scale_int4(values: &[f32]) -> f32 {
+    let absmax = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    if absmax == 0.0 {
+        return 0.0;
+    }
+    let mut best = (f32::INFINITY, absmax / INT4_MAX);
+    for step in 0..INT4_RATIOS {
+        // From absmax / 7 (nothing clipped) down to half of absmax / 8.
+        let scale = absmax / INT4_MAX * (1.0 - step as f32 * 0.55 / INT4_RATIOS as f32);
+        let inv = 1.0 / scale;
+        let err: f32 = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| {
+                let d = v - (v * inv).round().clamp(INT4_MIN, INT4_MAX) * scale;
                 d * d
             })
             .sum();
@@ -131,7 +164,7 @@ pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec
 }
 
 /// Block-wise int4 along axis 0 of a `[rows, cols]` matrix, blocks of `block` rows:
-/// scales are `[ceil(rows / block), cols]`, codes in `[-7, 7]`.
+/// scales are `[ceil(rows / block), cols]`, codes in `[-8, 7]`.
 pub fn quantize_blocks_axis0(
     values: &[f32],
     rows: usize,
@@ -148,8 +181,16 @@ pub fn quantize_blocks_axis0(
         for c in 0..cols {
             column.clear();
             column.extend((start..end).map(|r| values[r * cols + c]));
-            let scale = best_scale(&column, INT4_MAX);
-            codes(&column, scale, INT4_MAX, &mut q);
+            let scale = best_scale_int4(&column);
+            q.clear();
+            q.extend(column.iter().map(|&v| {
+                let v = if v.is_finite() && scale != 0.0 {
+                    v / scale
+                } else {
+                    0.0
+                };
+                v.round().clamp(INT4_MIN, INT4_MAX) as i8
+            }));
             for (k, r) in (start..end).enumerate() {
                 out[r * cols + c] = q[k];
             }

@@ -84,14 +84,17 @@ fn default_opset(model: &ModelProto) -> Result<i64> {
 /// The external data files a model refers to (to be read before [`transform`]).
 pub fn external_locations(input: Bytes) -> Result<Vec<String>> {
     let mut model = decode_model(input)?;
+    locations(model.graph.as_mut().expect("checked"))
+}
+
+fn locations(graph: &mut GraphProto) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for_each_tensor(model.graph.as_mut().expect("checked"), &mut |t| {
-        if t.data_location == Some(EXTERNAL) {
-            if let Some(loc) = external_field(t, "location") {
-                if !out.contains(&loc) {
-                    out.push(loc);
-                }
-            }
+    for_each_tensor(graph, &mut |t| {
+        if t.data_location == Some(EXTERNAL)
+            && let Some(loc) = external_field(t, "location")
+            && !out.contains(&loc)
+        {
+            out.push(loc);
         }
         Ok(())
     })?;
@@ -535,14 +538,12 @@ fn rewrite_graph(graph: &mut GraphProto, plan: &Plan, legacy_inputs: bool) -> Re
             && n.output.len() == 1
             && n.attribute.len() == 1
             && n.attribute[0].name.as_deref() == Some("value");
-        if is_constant {
-            if let Some(t) = &n.attribute[0].t {
-                let mut t = t.clone();
-                t.name = Some(n.output[0].clone());
-                if plan.rewrite(&t)?.is_some() {
-                    constants.push(t);
-                    continue;
-                }
+        if is_constant && let Some(t) = &n.attribute[0].t {
+            let mut t = t.clone();
+            t.name = Some(n.output[0].clone());
+            if plan.rewrite(&t)?.is_some() {
+                constants.push(t);
+                continue;
             }
         }
         kept_nodes.push(n);
@@ -603,10 +604,11 @@ fn tensor_ranks(graph: &mut GraphProto) -> Result<HashMap<String, usize>> {
     // Constant node values carry the node's output name, not their own.
     for_each_graph(&graph.clone(), &mut |g| {
         for n in &g.node {
-            if n.op_type.as_deref() == Some("Constant") && n.output.len() == 1 {
-                if let Some(t) = n.attribute.first().and_then(|a| a.t.as_ref()) {
-                    ranks.insert(n.output[0].clone(), t.dims.len());
-                }
+            if n.op_type.as_deref() == Some("Constant")
+                && n.output.len() == 1
+                && let Some(t) = n.attribute.first().and_then(|a| a.t.as_ref())
+            {
+                ranks.insert(n.output[0].clone(), t.dims.len());
             }
         }
     });
@@ -660,20 +662,7 @@ pub fn transform(
         )));
     }
     let graph = model.graph.as_mut().expect("checked");
-    let locations = {
-        let mut out = Vec::new();
-        for_each_tensor(graph, &mut |t| {
-            if t.data_location == Some(EXTERNAL) {
-                if let Some(l) = external_field(t, "location") {
-                    if !out.contains(&l) {
-                        out.push(l);
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        out
-    };
+    let locations = locations(graph)?;
     load_external(graph, read_external)?;
     if variant == Variant::Int4 && opset < 21 {
         let mut changed: Vec<String> = ops_used(graph)
@@ -746,17 +735,27 @@ mod tests {
     use modelcache_proto::onnx::OperatorSetIdProto;
 
     fn matmul_model(opset: i64, k: usize, n: usize) -> Bytes {
+        matmul_then(opset, k, n, &[])
+    }
+
+    fn matmul_then(opset: i64, k: usize, n: usize, ops: &[&str]) -> Bytes {
         let values: Vec<f32> = (0..k * n)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
         let graph = GraphProto {
             name: Some("g".into()),
-            node: vec![node(
+            node: std::iter::once(node(
                 "MatMul",
                 vec!["x".into(), "w".into()],
-                "y".into(),
+                "y0".into(),
                 vec![],
-            )],
+            ))
+            .chain(
+                ops.iter()
+                    .enumerate()
+                    .map(|(i, op)| node(op, vec![format!("y{i}")], format!("y{}", i + 1), vec![])),
+            )
+            .collect(),
             initializer: vec![float_tensor("w".into(), vec![k as i64, n as i64], &values)],
             ..Default::default()
         };
@@ -858,16 +857,16 @@ mod tests {
             .find(|t| t.name.as_deref() == Some("w_scale"))
             .unwrap();
         assert_eq!(scale.dims, vec![2, 32]);
-        // MatMul changed at opset 9: a model at 8 cannot be raised.
+        // Softmax changed its signature (the default axis) at opset 13.
         let err = transform(
-            matmul_model(8, 64, 32),
+            matmul_then(12, 64, 32, &["Relu", "Softmax"]),
             Variant::Int4,
             &provenance(Variant::Int4),
             &mut no_external,
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("MatMul"), "{err}");
+        assert!(err.contains("Softmax") && !err.contains("Relu"), "{err}");
     }
 
     #[test]

@@ -214,10 +214,12 @@ pub fn layout(header: &Header, variant: Variant) -> Layout {
         let elements: u64 = t.shape.iter().product();
         match conversion(t, variant) {
             Conversion::Keep => {
-                if variant == Variant::Int8 && t.shape.len() == 2 && is_float(&t.dtype) {
-                    if let Some(layer) = t.name.strip_suffix(".weight") {
-                        out.ignored.push(layer.to_owned());
-                    }
+                if variant == Variant::Int8
+                    && t.shape.len() == 2
+                    && is_float(&t.dtype)
+                    && let Some(layer) = t.name.strip_suffix(".weight")
+                {
+                    out.ignored.push(layer.to_owned());
                 }
                 out.tensors.push((
                     t.name.clone(),

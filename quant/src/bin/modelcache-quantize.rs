@@ -1,0 +1,98 @@
+//! Builds one variant of one weight file, the way a cache node does, without a node:
+//! `modelcache-quantize VARIANT INPUT OUTPUT`. For checking a quantizer by hand and for
+//! the benchmark; nodes build variants themselves.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use modelcache_quant::{Format, Provenance, QuantError, Variant, gguf, onnx, safetensors};
+use sha2::Digest;
+
+fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError> {
+    let variant = Variant::parse(variant)
+        .ok_or_else(|| QuantError::invalid(format!("unknown variant {variant:?}")))?;
+    let name = input.to_string_lossy();
+    let format = Format::of(&name)
+        .ok_or_else(|| QuantError::invalid(format!("{name}: not .onnx, .safetensors or .gguf")))?;
+    let bytes = std::fs::read(input).map_err(|e| QuantError::io(format!("reading {name}"), e))?;
+    let provenance = Provenance {
+        source_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        variant,
+        format,
+    };
+    let create = |p: &Path| {
+        File::create(p)
+            .map(BufWriter::new)
+            .map_err(|e| QuantError::io(format!("creating {}", p.display()), e))
+    };
+    let len = bytes.len() as u64;
+    match format {
+        Format::Onnx => {
+            let dir = input.parent().unwrap_or(Path::new("."));
+            let out = onnx::transform(Bytes::from(bytes), variant, &provenance, &mut |loc| {
+                std::fs::read(dir.join(loc))
+                    .map(Bytes::from)
+                    .map_err(|e| QuantError::io(format!("reading {loc}"), e))
+            })?;
+            std::fs::write(output, &out.model)
+                .map_err(|e| QuantError::io(format!("writing {}", output.display()), e))?;
+            if let Some((loc, data)) = out.external {
+                let path = output.parent().unwrap_or(Path::new(".")).join(loc);
+                std::fs::write(&path, data)
+                    .map_err(|e| QuantError::io(format!("writing {}", path.display()), e))?;
+            }
+            Ok(format!(
+                "{} weights rewritten, opset {}",
+                out.transformed, out.opset
+            ))
+        }
+        Format::Safetensors => {
+            let mut w = create(output)?;
+            let layout = safetensors::transform(
+                std::io::Cursor::new(bytes),
+                len,
+                &mut w,
+                variant,
+                &provenance,
+            )?;
+            w.flush().map_err(|e| QuantError::io("writing", e))?;
+            Ok(format!("{} tensors written", layout.tensors.len()))
+        }
+        Format::Gguf => {
+            let mut w = create(output)?;
+            let s = gguf::transform(
+                std::io::Cursor::new(bytes),
+                len,
+                &mut w,
+                variant,
+                &provenance,
+            )?;
+            w.flush().map_err(|e| QuantError::io("writing", e))?;
+            Ok(format!(
+                "{} tensors converted, {} kept",
+                s.converted, s.kept
+            ))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, variant, input, output] = args.as_slice() else {
+        eprintln!("usage: modelcache-quantize VARIANT INPUT OUTPUT");
+        return ExitCode::from(2);
+    };
+    match run(variant, Path::new(input), Path::new(output)) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("modelcache-quantize: {input}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
