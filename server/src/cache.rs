@@ -21,12 +21,19 @@ use crate::error::{Error, Result};
 use modelcache_proto::CHUNK_SIZE;
 
 /// Size of a foyer disk block: the largest entry it stores and the unit it evicts.
+/// Tiers too small for 64 such blocks use smaller ones, down to `MIN_BLOCK_SIZE`.
 const DISK_BLOCK_SIZE: usize = 8 * CHUNK_SIZE as usize;
+const MIN_BLOCK_SIZE: usize = 2 * CHUNK_SIZE as usize;
 /// Flush buffer shared by the flushers; a full buffer drops entries.
 const FLUSH_BUFFER_SIZE: usize = 64 * 1024 * 1024;
 /// Entries waiting to be flushed beyond which foyer drops new ones.
 const SUBMIT_QUEUE_THRESHOLD: usize = 192 * 1024 * 1024;
 const FLUSHERS: usize = 4;
+/// Smallest disk tier, in blocks: eviction works on whole blocks, and foyer wants many
+/// more blocks than flushers plus the clean blocks it keeps in reserve.
+const MIN_DISK_BLOCKS: u64 = 16;
+/// Blocks a tier should have when it is large enough.
+const TARGET_DISK_BLOCKS: u64 = 64;
 
 /// Identifies one chunk of one file version: BLAKE3 of the model, path, size, ETag, index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -140,6 +147,20 @@ pub struct ChunkCache {
 
 impl ChunkCache {
     pub async fn open(dir: &Path, memory_capacity: u64, disk_capacity: u64) -> Result<Self> {
+        let block_size = ((disk_capacity / TARGET_DISK_BLOCKS) as usize)
+            .clamp(MIN_BLOCK_SIZE, DISK_BLOCK_SIZE)
+            .next_power_of_two()
+            .min(DISK_BLOCK_SIZE);
+        let min = MIN_DISK_BLOCKS * MIN_BLOCK_SIZE as u64;
+        if disk_capacity < min {
+            return Err(Error::Config(format!(
+                "disk tier at {} would hold {disk_capacity} bytes; it needs at least {} MiB",
+                dir.display(),
+                min >> 20
+            )));
+        }
+        // A small tier gets a flush buffer in proportion, so that buffered chunks always fit.
+        let buffer = FLUSH_BUFFER_SIZE.min(4 * block_size);
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating cache dir {}", dir.display()), e))?;
         let device = FsDeviceBuilder::new(dir)
@@ -147,10 +168,10 @@ impl ChunkCache {
             .build()
             .map_err(|e| Error::Cache(format!("disk tier at {}: {e}", dir.display())))?;
         let engine = BlockEngineConfig::new(device)
-            .with_block_size(DISK_BLOCK_SIZE)
+            .with_block_size(block_size)
             .with_flushers(FLUSHERS)
-            .with_buffer_pool_size(FLUSH_BUFFER_SIZE)
-            .with_submit_queue_size_threshold(SUBMIT_QUEUE_THRESHOLD);
+            .with_buffer_pool_size(buffer)
+            .with_submit_queue_size_threshold(SUBMIT_QUEUE_THRESHOLD.min(3 * buffer));
         let hybrid = HybridCacheBuilder::new()
             .with_name("modelcache-chunks")
             .with_policy(HybridCachePolicy::WriteOnInsertion)
@@ -188,6 +209,11 @@ impl ChunkCache {
             Source::Outer => Tier::Origin,
         };
         Ok((entry.value().clone(), tier))
+    }
+
+    /// Inserts a chunk built on this node (a variant's bytes); it is written to disk too.
+    pub fn insert(&self, key: ChunkKey, value: ChunkValue) {
+        self.hybrid.insert(key, value);
     }
 
     pub fn remove(&self, key: &ChunkKey) {

@@ -52,6 +52,20 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_ORIGIN_PARALLELISM", default_value_t = 16)]
     pub origin_parallelism: usize,
 
+    /// Variants built ahead of time, as soon as an original is read in full (comma-separated,
+    /// e.g. `int8,fp16`; `none` builds variants only when asked for).
+    #[arg(long, env = "CACHE_NODE_PRECOMPUTE", default_value = "int8,fp16", value_parser = parse_variants)]
+    pub precompute: VariantList,
+
+    /// Disk space for built variants. Variants have a tier of their own, so they are
+    /// evicted among themselves and never push out the originals they are rebuilt from.
+    #[arg(long, env = "CACHE_NODE_VARIANT_CAPACITY", default_value = "4GiB")]
+    pub variant_capacity: ByteSize,
+
+    /// Variant builds that run at once (each uses one core while it quantizes).
+    #[arg(long, env = "CACHE_NODE_BUILD_PARALLELISM", default_value_t = 1)]
+    pub build_parallelism: usize,
+
     /// S3 endpoint (else `AWS_ENDPOINT_URL`), e.g. `http://127.0.0.1:9000` for MinIO.
     #[arg(long, env = "CACHE_NODE_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
@@ -75,6 +89,26 @@ pub struct Config {
     /// Log filter, `RUST_LOG` syntax.
     #[arg(long, env = "CACHE_NODE_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// A list of variants, as given to `--precompute`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VariantList(pub Vec<modelcache_quant::Variant>);
+
+fn parse_variants(s: &str) -> Result<VariantList, String> {
+    if s.trim().is_empty() || s.trim() == "none" {
+        return Ok(VariantList::default());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let v = modelcache_quant::Variant::parse(part).ok_or_else(|| {
+            format!("unknown variant {part:?}; known: fp16, bf16, int8, int4, q8_0, q4_0, or none")
+        })?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(VariantList(out))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

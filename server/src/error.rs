@@ -37,10 +37,30 @@ pub enum Error {
     },
 
     #[error(
-        "variant {variant:?} of model {name:?} is not available: this node serves the `original` \
-         variant only"
+        "unknown variant {variant:?}; known variants: original, fp16, bf16, int8, int4, q8_0, q4_0"
     )]
-    VariantUnavailable { name: String, variant: String },
+    UnknownVariant { variant: String },
+
+    #[error("variant {variant} of model {name:?} cannot be built: {reason}")]
+    VariantNotApplicable {
+        name: String,
+        variant: String,
+        reason: String,
+    },
+
+    #[error("building {name}:{variant} failed on {path}: {reason}; the original is still served")]
+    VariantFailed {
+        name: String,
+        variant: String,
+        path: String,
+        reason: String,
+    },
+
+    #[error(
+        "{name}:{variant} was evicted from this node's variant tier during the transfer; fetch \
+         again and it is rebuilt"
+    )]
+    VariantEvicted { name: String, variant: String },
 
     #[error(
         "origin {origin} is unreachable and nothing of model {name:?} is cached: {detail}. \
@@ -151,17 +171,20 @@ impl Error {
     /// The gRPC code clients act on.
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidReference(_) => Code::InvalidArgument,
+            Error::InvalidReference(_)
+            | Error::UnknownVariant { .. }
+            | Error::VariantNotApplicable { .. } => Code::InvalidArgument,
             Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
             Error::OffsetOutOfRange { .. } => Code::OutOfRange,
             Error::UnsafeModelPath { .. } | Error::OriginDenied { .. } => Code::FailedPrecondition,
-            Error::VariantUnavailable { .. } => Code::Unimplemented,
+            Error::VariantFailed { .. } => Code::FailedPrecondition,
             Error::OriginUnavailable { .. }
             | Error::OriginTruncated { .. }
             | Error::OriginReadFailed { .. } => Code::Unavailable,
             Error::OriginChanged { .. }
             | Error::OriginFileGone { .. }
-            | Error::RevisionChanged { .. } => Code::Aborted,
+            | Error::RevisionChanged { .. }
+            | Error::VariantEvicted { .. } => Code::Aborted,
             Error::Origin { .. } => Code::Unavailable,
             Error::Shared(inner) => inner.code(),
             Error::Cache(_) | Error::Config(_) | Error::Cli(_) | Error::Io { .. } => Code::Internal,

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod origin;
 pub mod registry;
 pub mod service;
+pub mod variants;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::manifest::ManifestStore;
 use crate::origin::Origin;
 use crate::registry::Registry;
 use crate::service::NodeService;
+use crate::variants::Variants;
 
 /// HTTP/2 flow-control window per stream. hyper's default (64 KiB) stalls a bulk stream on
 /// every round trip; 8 MiB keeps four 2 MiB chunks in flight to each client.
@@ -66,10 +68,24 @@ impl Node {
         )
         .await?;
         let manifests = ManifestStore::open(&config.cache_dir)?;
+        let variant_cache = ChunkCache::open(
+            &config.cache_dir.join("variants"),
+            config.memory_capacity.as_u64() / 4,
+            config.variant_capacity.as_u64(),
+        )
+        .await?;
+        let variants = Variants::new(
+            variant_cache,
+            config.memory_capacity.as_u64() / 4,
+            config.cache_dir.join("build"),
+            config.precompute.0.clone(),
+            config.build_parallelism,
+        )?;
         let registry = Registry::new(
             origin,
             cache,
             manifests,
+            variants,
             config.revalidate_after,
             config.origin_parallelism,
         );

@@ -13,8 +13,16 @@ use crate::cache::ChunkKey;
 use crate::error::{Error, Result};
 use crate::origin::OriginFile;
 
+#[derive(Clone)]
 pub struct FileRecord {
+    /// The file as listed by the origin, or, for a file a variant built, its path, size
+    /// and a version tag derived from the variant's revision.
     pub origin: OriginFile,
+    /// Built by a variant: its chunks live in the variant tier and cannot be read from
+    /// the origin (a miss means the variant was evicted and must be rebuilt).
+    pub built: bool,
+    /// Where a built file came from.
+    pub provenance: Option<v1::Provenance>,
     pub keys: Vec<ChunkKey>,
     /// Filled in as chunks are read from the origin (or found in a saved manifest).
     pub digests: Vec<OnceLock<[u8; 32]>>,
@@ -22,13 +30,15 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
-    fn new(name: &str, variant: &str, origin: OriginFile) -> Self {
+    pub fn new(name: &str, variant: &str, origin: OriginFile) -> Self {
         let chunks = chunk_count(origin.size);
         let keys = (0..chunks)
             .map(|i| ChunkKey::new(name, variant, &origin.path, origin.size, &origin.etag, i))
             .collect();
         Self {
             origin,
+            built: false,
+            provenance: None,
             keys,
             digests: (0..chunks).map(|_| OnceLock::new()).collect(),
             sha256: OnceLock::new(),
@@ -79,7 +89,6 @@ impl Revision {
     /// A revision of `files`, reusing what `previous` knew of files that did not change.
     pub fn new(name: &str, files: Vec<OriginFile>, previous: Option<&Revision>) -> Self {
         let id = revision_id(&files);
-        let total_size = files.iter().map(|f| f.size).sum();
         let variant = modelcache_proto::reference::ORIGINAL;
         let files: Vec<FileRecord> = files
             .into_iter()
@@ -93,6 +102,12 @@ impl Revision {
                 record
             })
             .collect();
+        Self::from_records(name, variant, id, files)
+    }
+
+    /// A revision of records built elsewhere (a variant's files).
+    pub fn from_records(name: &str, variant: &str, id: String, files: Vec<FileRecord>) -> Self {
+        let total_size = files.iter().map(|f| f.origin.size).sum();
         let total_chunks = files.iter().map(|f| f.keys.len() as u64).sum();
         let rev = Self {
             name: name.to_owned(),
@@ -176,12 +191,14 @@ impl Revision {
                         .map(|d| d.iter().map(|x| x.to_vec()).collect())
                         .unwrap_or_default(),
                     sha256: f.sha256.get().cloned().unwrap_or_default(),
+                    provenance: f.provenance.clone(),
                 })
                 .collect(),
             total_size: self.total_size,
             stale: stale_reason.is_some(),
             stale_reason: stale_reason.unwrap_or_default().to_owned(),
             tiers: Some(tiers),
+            variants: Vec::new(),
         }
     }
 }

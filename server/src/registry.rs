@@ -18,6 +18,7 @@ use crate::cache::{ChunkCache, ChunkValue, Tier};
 use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
+use crate::variants::Variants;
 
 /// Counters exposed for metrics and tests.
 #[derive(Debug, Default)]
@@ -27,6 +28,8 @@ pub struct NodeStats {
     pub misses: AtomicU64,
     pub bytes_served: AtomicU64,
     pub corrupt_chunks: AtomicU64,
+    /// Variant builds started (each runs once per model, variant and revision).
+    pub variant_builds: AtomicU64,
 }
 
 /// What a request resolved to.
@@ -57,8 +60,9 @@ pub struct Registry {
     revalidate_after: Duration,
     origin_parallelism: usize,
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
-    background: TaskTracker,
-    cancel: CancellationToken,
+    pub(crate) variants: Variants,
+    pub(crate) background: TaskTracker,
+    pub(crate) cancel: CancellationToken,
     /// Bounds background SHA-256 work so that serving keeps the cores.
     hash_permits: Semaphore,
     pub stats: NodeStats,
@@ -69,6 +73,7 @@ impl Registry {
         origin: Origin,
         cache: ChunkCache,
         manifests: ManifestStore,
+        variants: Variants,
         revalidate_after: Duration,
         origin_parallelism: usize,
     ) -> Self {
@@ -98,6 +103,7 @@ impl Registry {
             revalidate_after,
             origin_parallelism: origin_parallelism.max(1),
             models: Mutex::new(models),
+            variants,
             background: TaskTracker::new(),
             cancel: CancellationToken::new(),
             hash_permits: Semaphore::new(1),
@@ -125,14 +131,25 @@ impl Registry {
     /// The revision to serve for `reference`, re-listing the origin when the cached one is
     /// older than `revalidate_after`.
     pub async fn resolve(self: &Arc<Self>, reference: &Reference) -> Result<Resolved> {
+        let variant = if reference.is_original() {
+            None
+        } else {
+            Some(
+                modelcache_quant::Variant::parse(reference.variant()).ok_or_else(|| {
+                    Error::UnknownVariant {
+                        variant: reference.variant().to_owned(),
+                    }
+                })?,
+            )
+        };
         let resolved = self.resolve_name(reference.name()).await?;
-        if !reference.is_original() {
-            return Err(Error::VariantUnavailable {
-                name: reference.name().to_owned(),
-                variant: reference.variant().to_owned(),
-            });
+        match variant {
+            None => Ok(resolved),
+            Some(variant) => Ok(Resolved {
+                revision: self.variant(&resolved.revision, variant).await?,
+                stale_reason: resolved.stale_reason,
+            }),
         }
-        Ok(resolved)
     }
 
     async fn resolve_name(self: &Arc<Self>, name: &str) -> Result<Resolved> {
@@ -232,18 +249,39 @@ impl Registry {
     ) -> Result<(ChunkValue, Tier)> {
         let record = &rev.files[file];
         let key = record.keys[index as usize];
+        let cache = if record.built {
+            &self.variants.cache
+        } else {
+            &self.cache
+        };
         for _attempt in 0..2 {
-            let fetch = {
-                let origin = self.origin.clone();
-                let name = rev.name.clone();
-                let origin_file = record.origin.clone();
-                let range = record.chunk_range(index);
-                async move {
-                    let data = origin.read_range(&name, &origin_file, range).await?;
-                    Ok(ChunkValue::new(data))
+            let (value, tier) = if record.built {
+                let evicted = || Error::VariantEvicted {
+                    name: rev.name.clone(),
+                    variant: rev.variant.clone(),
+                };
+                let result = cache
+                    .get_or_fetch(key, std::future::ready(Err(evicted())))
+                    .await;
+                if result.is_err()
+                    && let Some(variant) = modelcache_quant::Variant::parse(&rev.variant)
+                {
+                    self.variants.invalidate(&rev.name, variant, &rev.id);
                 }
+                result?
+            } else {
+                let fetch = {
+                    let origin = self.origin.clone();
+                    let name = rev.name.clone();
+                    let origin_file = record.origin.clone();
+                    let range = record.chunk_range(index);
+                    async move {
+                        let data = origin.read_range(&name, &origin_file, range).await?;
+                        Ok(ChunkValue::new(data))
+                    }
+                };
+                cache.get_or_fetch(key, fetch).await?
             };
-            let (value, tier) = self.cache.get_or_fetch(key, fetch).await?;
             let expected = record.digests[index as usize].get().copied();
             let intact = match tier {
                 Tier::Disk => value.is_intact() && expected.is_none_or(|d| d == value.digest),
@@ -255,7 +293,7 @@ impl Registry {
                     ?tier, "chunk failed its digest; reading it again from the origin"
                 );
                 self.stats.corrupt_chunks.fetch_add(1, Ordering::Relaxed);
-                self.cache.remove(&key);
+                cache.remove(&key);
                 continue;
             }
             if rev.record_digest(file, index, value.digest) {
@@ -295,19 +333,27 @@ impl Registry {
 
     /// How many chunks of `rev` each tier holds.
     pub fn tiers(&self, rev: &Revision) -> v1::TierPresence {
-        let keys = rev.chunk_keys();
-        v1::TierPresence {
-            total_chunks: keys.len() as u64,
-            memory_chunks: keys.iter().filter(|k| self.cache.in_memory(k)).count() as u64,
-            disk_chunks: keys.iter().filter(|k| self.cache.on_disk(k)).count() as u64,
+        let mut tiers = v1::TierPresence::default();
+        for file in &rev.files {
+            let cache = if file.built {
+                &self.variants.cache
+            } else {
+                &self.cache
+            };
+            tiers.total_chunks += file.keys.len() as u64;
+            tiers.memory_chunks += file.keys.iter().filter(|k| cache.in_memory(k)).count() as u64;
+            tiers.disk_chunks += file.keys.iter().filter(|k| cache.on_disk(k)).count() as u64;
         }
+        tiers
     }
 
     pub fn manifest(&self, resolved: &Resolved) -> v1::Manifest {
-        resolved.revision.to_proto(
-            resolved.stale_reason.as_deref(),
-            self.tiers(&resolved.revision),
-        )
+        let rev = &resolved.revision;
+        let mut manifest = rev.to_proto(resolved.stale_reason.as_deref(), self.tiers(rev));
+        if rev.variant == modelcache_proto::reference::ORIGINAL {
+            manifest.variants = self.variant_states(rev);
+        }
+        manifest
     }
 
     /// After a model was read in full: compute each file's SHA-256 (once per revision, in
@@ -357,7 +403,9 @@ impl Registry {
         if missing > 0 {
             tracing::warn!(model = %rev.name, missing, "chunks did not reach the disk tier");
         }
-        self.manifests.save(rev)
+        self.manifests.save(rev)?;
+        self.precompute(rev);
+        Ok(())
     }
 
     /// Waits until background work for every model read so far is done (tests, shutdown).
@@ -392,18 +440,27 @@ impl Registry {
         names.dedup();
         Ok(names
             .into_iter()
-            .map(|name| v1::ModelInfo {
-                cached: cached
-                    .iter()
-                    .filter(|r| r.name == name)
-                    .map(|r| v1::CachedVariant {
-                        variant: r.variant.clone(),
-                        revision: r.id.clone(),
-                        total_size: r.total_size,
-                        tiers: Some(self.tiers(r)),
-                    })
-                    .collect(),
-                name,
+            .map(|name| {
+                let original = cached.iter().find(|r| r.name == name);
+                let ready = if original.is_some() {
+                    self.ready_variants(&name)
+                } else {
+                    Vec::new()
+                };
+                v1::ModelInfo {
+                    cached: original
+                        .into_iter()
+                        .chain(ready.iter())
+                        .map(|r| v1::CachedVariant {
+                            variant: r.variant.clone(),
+                            revision: r.id.clone(),
+                            total_size: r.total_size,
+                            tiers: Some(self.tiers(r)),
+                        })
+                        .collect(),
+                    variants: original.map(|r| self.variant_states(r)).unwrap_or_default(),
+                    name,
+                }
             })
             .collect())
     }
@@ -425,6 +482,7 @@ impl Registry {
                 tracing::warn!(model = %rev.name, "could not save manifest: {e}");
             }
         }
+        self.variants.cache.close().await?;
         self.cache.close().await
     }
 }

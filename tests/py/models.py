@@ -1,4 +1,5 @@
-"""Builds the test models the variant tests quantize: `python models.py OUT_DIR`.
+"""Builds the test models the variant tests quantize: `python models.py OUT_DIR [bad]`
+(`bad`: the broken weight files instead).
 
 Every model gets weights with a realistic spread: each output channel has its own scale,
 spread over two and a half orders of magnitude, and a few weights are outliers, since
@@ -206,8 +207,39 @@ def gguf_model(out):
     w.close()
 
 
+def bad_models(out):
+    """Weight files that are broken in the ways real downloads break."""
+    def write(folder, name, data):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        with open(os.path.join(out, folder, name), "wb") as f:
+            f.write(data)
+    write("bad-not-onnx", "model.onnx", b"this is not an ONNX model\n" * 64)
+    good = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(weights((64, 64), 1), "w")]), opset_imports=[helper.make_opsetid("", 13)])
+    data = good.SerializeToString()
+    write("bad-truncated-onnx", "model.onnx", data[: len(data) // 2])
+    header = json.dumps({"fc.weight": {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 64 * 64 * 4]}}).encode()
+    full = len(header).to_bytes(8, "little") + header + weights((64, 64)).tobytes()
+    write("bad-truncated-safetensors", "model.safetensors", full[: len(full) // 2])
+    lie = json.dumps({"fc.weight": {"dtype": "F32", "shape": [64, 64], "data_offsets": [1 << 40, (1 << 40) + 64 * 64 * 4]}}).encode()
+    write("bad-lying-safetensors", "model.safetensors", len(lie).to_bytes(8, "little") + lie + weights((64, 64)).tobytes())
+    # A GGUF whose one tensor has type 77, which ggml does not define.
+    import struct
+    name = b"blk.0.attn_q.weight"
+    g = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+    g += struct.pack("<Q", len(name)) + name + struct.pack("<IQQ", 2, 64, 64) + struct.pack("<IQ", 77, 0)
+    g += b"\0" * (-len(g) % 32) + weights((64, 64)).tobytes()
+    write("bad-gguf-type", "model.gguf", g)
+
+
 def main():
     out = sys.argv[1]
+    if sys.argv[2:] == ["bad"]:
+        bad_models(out)
+        return
     conv_opset11(out)
     legacy_opset7(out)
     subgraph_opset17(out)

@@ -1,6 +1,8 @@
 //! Shared parts of the end-to-end suite: a real S3 server (`s3`), in-process nodes on
 //! `127.0.0.1:0`, the real binaries, and deterministic test data.
 
+pub mod resnet;
+pub mod rng;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -88,6 +90,7 @@ pub fn node_config(s3: &S3Server, cache_dir: &Path) -> Config {
     config.s3_allow_http = Some(true);
     config.memory_capacity = bytesize_mib(256);
     config.disk_capacity = bytesize_mib(1024);
+    config.variant_capacity = bytesize_mib(256);
     config
 }
 
@@ -220,4 +223,69 @@ pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
+}
+
+/// The workspace's root folder.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// The Python that has onnx, onnxruntime, safetensors and gguf: `target/py-venv`, which
+/// `scripts/py-env` installs (`scripts/test` runs it), or `MODELCACHE_PYTHON`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MODELCACHE_PYTHON") {
+        return p.into();
+    }
+    let p = workspace().join("target/py-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/py-env (scripts/test does) to install the Python tools \
+         the variant checks use",
+        p.display()
+    );
+    p
+}
+
+/// Runs `tests/py/SCRIPT ARGS…` with [`python`]; returns its stdout, and its exit status.
+pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> (String, std::process::ExitStatus) {
+    let out = std::process::Command::new(python())
+        .arg(workspace().join("tests/py").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.trim().is_empty() {
+        eprintln!("{script}: {stderr}");
+    }
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+/// Every file below `dir`, with `/`-separated paths relative to it.
+pub fn read_dir_files(dir: &Path) -> ModelFiles {
+    fn walk(root: &Path, dir: &Path, out: &mut ModelFiles) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                let rel: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push((rel.join("/"), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out
 }

@@ -1,0 +1,489 @@
+//! Quantized variants end to end: test models built with onnx/safetensors/gguf, served
+//! by a real S3 server, built by a node, fetched by the agent, and checked with the tools
+//! users load them with (`tests/py/check.py`: onnx.checker, onnxruntime, the safetensors
+//! and gguf readers, `gguf.quants`).
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use modelcache_proto::v1::{self, variant_state::State};
+use modelcache_tests::{
+    S3Server, TestNode, node_config, read_dir_files, resnet, run_python, seed, sha256,
+};
+use serde_json::{Value, json};
+use tonic::Code;
+
+/// Builds the test models into `dir` and seeds every folder as a model.
+async fn seed_models(s3: &S3Server, dir: &Path, kind: &str) -> Vec<String> {
+    let (_, status) = run_python("models.py", &[dir.as_os_str(), OsStr::new(kind)]);
+    assert!(status.success(), "models.py failed");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        seed(s3, &name, &read_dir_files(&entry.path())).await;
+        names.push(name);
+    }
+    names.sort();
+    names
+}
+
+/// Runs check.py over `cases`; returns each case's result by name.
+fn check(cases: &[Value], scratch: &Path) -> Vec<Value> {
+    let file = scratch.join(format!("cases-{}.json", cases.len()));
+    std::fs::write(&file, serde_json::to_vec(cases).unwrap()).unwrap();
+    let (stdout, _) = run_python("check.py", &[file.as_os_str()]);
+    let results: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(results.len(), cases.len(), "check.py printed {stdout}");
+    results
+}
+
+fn format_of(model: &str) -> &'static str {
+    if model.starts_with("onnx") || model == "resnet50" {
+        "onnx"
+    } else if model.starts_with("st-") {
+        "safetensors"
+    } else {
+        "gguf"
+    }
+}
+
+async fn resolve(node: &TestNode, reference: &str) -> Result<v1::Manifest, tonic::Status> {
+    node.client()
+        .await
+        .resolve(v1::ResolveRequest {
+            reference: reference.into(),
+        })
+        .await
+        .map(|r| r.into_inner().manifest.unwrap())
+}
+
+fn config_without_precompute(s3: &S3Server, cache: &Path) -> cache_node::Config {
+    let mut config = node_config(s3, cache);
+    config.precompute = Default::default();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_variant_loads_and_matches_in_the_real_tools() {
+    let s3 = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    seed_models(&s3, &models, "good").await;
+    // The ResNet-50-shaped sample (opset 13, 53 Conv + Gemm, ~100 MB).
+    let resnet_dir = models.join("resnet50");
+    std::fs::create_dir_all(&resnet_dir).unwrap();
+    std::fs::write(resnet_dir.join("model.onnx"), resnet::resnet50(50)).unwrap();
+    seed(&s3, "resnet50", &read_dir_files(&resnet_dir)).await;
+
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(config_without_precompute(&s3, cache.path())).await;
+    let wanted: &[(&str, &[&str])] = &[
+        ("onnx-opset7", &["int8", "fp16"]),
+        ("onnx-opset11", &["int8", "fp16"]),
+        ("onnx-opset17", &["int8", "fp16", "int4"]),
+        ("onnx-opset21", &["int8", "fp16", "int4"]),
+        ("resnet50", &["int8", "fp16"]),
+        ("st-single", &["int8", "fp16", "bf16"]),
+        ("st-sharded", &["int8", "fp16", "bf16"]),
+        (
+            "gguf-small",
+            &["q8_0", "q4_0", "fp16", "bf16", "int8", "int4"],
+        ),
+    ];
+    let fetched = work.path().join("agent");
+    let agent = node.agent(&fetched);
+    let mut cases = Vec::new();
+    for (model, variants) in wanted {
+        for variant in *variants {
+            let reference = modelcache_proto::Reference::new(model, variant).unwrap();
+            let got = agent
+                .prefetch(&reference, &cache_agent::Progress::hidden())
+                .await
+                .unwrap_or_else(|e| panic!("prefetch {reference}: {e}"));
+            cases.push(json!({
+                "name": reference.to_string(),
+                "format": format_of(model),
+                "variant": variant,
+                "original": models.join(model),
+                "output": got.path,
+            }));
+        }
+    }
+    let results = check(&cases, work.path());
+    let mut failures = Vec::new();
+    for r in &results {
+        println!("{r}");
+        if r["ok"] != json!(true) {
+            failures.push(r.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "variants failed their checks:\n{}",
+        failures.join("\n")
+    );
+    // Weight-dominated models shrink as promised.
+    for r in &results {
+        let ratio = r["figures"]["size_ratio"].as_f64().unwrap();
+        let name = r["name"].as_str().unwrap();
+        if name.starts_with("resnet50:int8") {
+            assert!(ratio <= 0.3, "{name}: {ratio}");
+        }
+        if name.starts_with("resnet50:fp16") {
+            assert!(ratio <= 0.55, "{name}: {ratio}");
+        }
+    }
+    // GGUF Q8_0 is bit for bit what gguf.quants.quantize writes.
+    let q8 = results
+        .iter()
+        .find(|r| r["name"] == "gguf-small:q8_0")
+        .unwrap();
+    assert_eq!(q8["figures"]["bit_exact"], q8["figures"]["converted"]);
+
+    // The manifest says where transformed files came from; other files are the original's.
+    let manifest = resolve(&node, "st-sharded:int8").await.unwrap();
+    let original = resolve(&node, "st-sharded").await.unwrap();
+    for file in &manifest.files {
+        let source = std::fs::read(models.join("st-sharded").join(&file.path)).unwrap();
+        match file.path.as_str() {
+            "tokenizer.json" => {
+                assert!(file.provenance.is_none());
+                assert_eq!(file.sha256, sha256(&source));
+            }
+            _ => {
+                let p = file.provenance.as_ref().expect("provenance");
+                assert_eq!(p.source_sha256, sha256(&source), "{}", file.path);
+                assert_eq!(
+                    (p.source_path.as_str(), p.variant.as_str()),
+                    (file.path.as_str(), "int8")
+                );
+                assert!(p.quantizer_version.starts_with("modelcache-quant/"));
+                assert_ne!(file.sha256, sha256(&source));
+            }
+        }
+    }
+    let states = original.variants;
+    let int8 = states.iter().find(|s| s.variant == "int8").unwrap();
+    assert_eq!(int8.state(), State::Ready);
+    assert_eq!(int8.revision, manifest.revision);
+    // int4 does not apply to safetensors, so it is not listed.
+    assert!(!states.iter().any(|s| s.variant == "int4"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checks_catch_deliberately_wrong_variants() {
+    let s3 = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    seed_models(&s3, &models, "good").await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(config_without_precompute(&s3, cache.path())).await;
+    let (gguf_dir, gguf) = node.prefetch_fresh("gguf-small:q8_0").await;
+    let (st_dir, st) = node.prefetch_fresh("st-single:int8").await;
+    let wrong = work.path().join("wrong");
+    let (_, status) = run_python(
+        "corrupt.py",
+        &[
+            models.as_os_str(),
+            wrong.as_os_str(),
+            gguf.path.as_os_str(),
+            st.path.as_os_str(),
+        ],
+    );
+    assert!(status.success());
+    let case = |name: &str, format: &str, variant: &str, model: &str| {
+        json!({"name": name, "format": format, "variant": variant,
+               "original": models.join(model), "output": wrong.join(name)})
+    };
+    let results = check(
+        &[
+            case("wrong-axis", "onnx", "int8", "onnx-opset11"),
+            case("per-tensor", "onnx", "int8", "onnx-opset11"),
+            case("gguf-bad-q8_0", "gguf", "q8_0", "gguf-small"),
+            case("st-bad-scale", "safetensors", "int8", "st-single"),
+        ],
+        work.path(),
+    );
+    let expect = [
+        ("wrong-axis", "axis 1 but its output channels are on axis 0"),
+        ("per-tensor", "scale shape [] is not per-channel"),
+        ("gguf-bad-q8_0", "bytes differ from gguf.quants.quantize"),
+        ("st-bad-scale", "want float32 (128, 1)"),
+    ];
+    for (r, (name, problem)) in results.iter().zip(expect) {
+        println!("{r}");
+        assert_eq!(r["name"], name);
+        assert_eq!(r["ok"], json!(false), "{name} passed its checks");
+        let problems = r["problems"].to_string();
+        assert!(problems.contains(problem), "{name}: {problems}");
+    }
+    drop((gguf_dir, st_dir));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_weight_files_fail_clearly_and_the_original_is_still_served() {
+    let s3 = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let names = seed_models(&s3, work.path(), "bad").await;
+    let cache = tempfile::tempdir().unwrap();
+    // Precompute on: builds of broken files fail in the background too, and are reported.
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let expected = [
+        (
+            "bad-gguf-type",
+            "q8_0",
+            "model.gguf",
+            "unknown tensor type 77",
+        ),
+        (
+            "bad-lying-safetensors",
+            "int8",
+            "model.safetensors",
+            "outside",
+        ),
+        ("bad-not-onnx", "int8", "model.onnx", "not an ONNX model"),
+        (
+            "bad-truncated-onnx",
+            "fp16",
+            "model.onnx",
+            "not an ONNX model",
+        ),
+        (
+            "bad-truncated-safetensors",
+            "fp16",
+            "model.safetensors",
+            "outside",
+        ),
+    ];
+    assert_eq!(names, expected.map(|e| e.0));
+    for (model, variant, file, reason) in expected {
+        let err = resolve(&node, &format!("{model}:{variant}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{model}: {err:?}");
+        let msg = err.message();
+        assert!(
+            msg.contains(file) && msg.contains(reason) && msg.contains("original is still served"),
+            "{model}: {msg}"
+        );
+        // The agent reports it in one line and writes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let reference = modelcache_proto::Reference::new(model, variant).unwrap();
+        let err = node
+            .agent(dir.path())
+            .prefetch(&reference, &cache_agent::Progress::hidden())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(reason), "{err}");
+        // The original is served, byte for byte, and says the variant failed.
+        let (_dir, got) = node.prefetch_fresh(model).await;
+        let original = std::fs::read(work.path().join(model).join(file)).unwrap();
+        assert_eq!(
+            sha256(&std::fs::read(got.path.join(file)).unwrap()),
+            sha256(&original)
+        );
+        let manifest = resolve(&node, model).await.unwrap();
+        let state = manifest
+            .variants
+            .iter()
+            .find(|s| s.variant == variant)
+            .unwrap();
+        assert_eq!(state.state(), State::Failed, "{model}");
+        assert!(state.reason.contains(reason), "{}", state.reason);
+    }
+    node.registry.wait_idle().await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn variants_that_do_not_apply_are_refused_before_any_io() {
+    let s3 = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    seed_models(&s3, work.path(), "good").await;
+    seed(
+        &s3,
+        "plain",
+        &vec![("README.md".into(), b"no weights".to_vec())],
+    )
+    .await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(config_without_precompute(&s3, cache.path())).await;
+    s3.tap.reset();
+    let err = resolve(&node, "st-single:int3").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("known variants"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        s3.tap.requests.load(Ordering::SeqCst),
+        0,
+        "an unknown variant touched the origin"
+    );
+    let err = resolve(&node, "st-single:int4").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("fp16, bf16, int8"),
+        "{}",
+        err.message()
+    );
+    let err = resolve(&node, "onnx-opset11:bf16").await.unwrap_err();
+    assert!(
+        err.message().contains("fp16, int8, int4"),
+        "{}",
+        err.message()
+    );
+    let err = resolve(&node, "plain:int8").await.unwrap_err();
+    assert!(err.message().contains("has none"), "{}", err.message());
+    // int4 needs opset 21; this Conv model cannot be raised without changing its ops.
+    let err = resolve(&node, "onnx-opset7:int4").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("opset 7"), "{}", err.message());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_tier() {
+    let s3 = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    seed_models(&s3, work.path(), "good").await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let before = resolve(&node, "onnx-opset11").await.unwrap();
+    let states: Vec<(String, State)> = before
+        .variants
+        .iter()
+        .map(|s| (s.variant.clone(), s.state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("fp16", State::Absent),
+            ("int8", State::Absent),
+            ("int4", State::Absent)
+        ]
+        .map(|(v, s)| (v.to_owned(), s))
+    );
+    node.prefetch_fresh("onnx-opset11").await;
+    node.registry.wait_idle().await;
+    let after = resolve(&node, "onnx-opset11").await.unwrap();
+    for s in &after.variants {
+        let want = if s.variant == "int4" {
+            State::Absent
+        } else {
+            State::Ready
+        };
+        assert_eq!(s.state(), want, "{}", s.variant);
+    }
+    assert_eq!(
+        node.registry.stats.variant_builds.load(Ordering::Relaxed),
+        2
+    );
+    // Fetching a precomputed variant reads nothing from the origin, and many concurrent
+    // requests for one that is not built yet share one build.
+    s3.tap.reset();
+    let fetches = (0..6).map(|_| node.prefetch_fresh("onnx-opset11:int8"));
+    let got = futures::future::join_all(fetches).await;
+    assert_eq!(s3.tap.get_count(), 0);
+    let first = std::fs::read(got[0].1.path.join("model.onnx")).unwrap();
+    for (_, f) in &got {
+        assert_eq!(std::fs::read(f.path.join("model.onnx")).unwrap(), first);
+    }
+    let int4 = (0..6).map(|_| resolve(&node, "onnx-opset17:int4"));
+    let revisions: Vec<String> = futures::future::join_all(int4)
+        .await
+        .into_iter()
+        .map(|m| m.unwrap().revision)
+        .collect();
+    assert!(revisions.iter().all(|r| *r == revisions[0]));
+    // One int4 build; reading opset17's original in full for it also started that model's
+    // precomputed int8 and fp16.
+    assert_eq!(
+        node.registry.stats.variant_builds.load(Ordering::Relaxed),
+        5
+    );
+    // List shows ready variants next to the original.
+    let list = node
+        .client()
+        .await
+        .list(v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let model = list
+        .models
+        .iter()
+        .find(|m| m.name == "onnx-opset11")
+        .unwrap();
+    let cached: Vec<&str> = model.cached.iter().map(|c| c.variant.as_str()).collect();
+    assert!(cached.contains(&"original") && cached.contains(&"int8") && cached.contains(&"fp16"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evicted_variants_are_rebuilt_and_never_evict_originals() {
+    let s3 = S3Server::start().await;
+    // Three safetensors models of 48 MiB of float32 weights each: 24 MiB in fp16, so the
+    // three do not fit a 64 MiB variant tier together.
+    for i in 0..3u64 {
+        let rows = 3 * 1024;
+        let cols = 4096;
+        let values: Vec<u8> = modelcache_tests::data(100 + i, rows * cols)
+            .chunks(1)
+            .flat_map(|b| (f32::from(b[0]) / 255.0 - 0.5).to_le_bytes())
+            .collect();
+        let header = format!(
+            r#"{{"layer.weight":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{}]}}}}"#,
+            values.len()
+        );
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header.as_bytes());
+        file.extend(values);
+        seed(
+            &s3,
+            &format!("big{i}"),
+            &vec![("model.safetensors".into(), file)],
+        )
+        .await;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = config_without_precompute(&s3, cache.path());
+    config.memory_capacity = bytesize::ByteSize::mib(32);
+    config.variant_capacity = bytesize::ByteSize::mib(64);
+    let node = TestNode::start(config).await;
+    let mut first = None;
+    for i in 0..3 {
+        let (_d, got) = node.prefetch_fresh(&format!("big{i}:fp16")).await;
+        let bytes = std::fs::read(got.path.join("model.safetensors")).unwrap();
+        if i == 0 {
+            first = Some(sha256(&bytes));
+        }
+    }
+    assert_eq!(
+        node.registry.stats.variant_builds.load(Ordering::Relaxed),
+        3
+    );
+    // The first variant no longer fits; asking again rebuilds it, to the same bytes.
+    let (_d, again) = node.prefetch_fresh("big0:fp16").await;
+    let bytes = std::fs::read(again.path.join("model.safetensors")).unwrap();
+    assert_eq!(Some(sha256(&bytes)), first);
+    assert_eq!(
+        node.registry.stats.variant_builds.load(Ordering::Relaxed),
+        4
+    );
+    // The originals all stayed on disk.
+    for i in 0..3 {
+        let m = resolve(&node, &format!("big{i}")).await.unwrap();
+        let tiers = m.tiers.unwrap();
+        assert_eq!(tiers.disk_chunks, tiers.total_chunks, "big{i}");
+    }
+    node.stop().await;
+}
