@@ -6,6 +6,7 @@ use cache_agent::cli::{Cli, Command};
 use cache_agent::{Agent, AgentError, Progress};
 use clap::Parser;
 use modelcache_proto::Reference;
+use modelcache_proto::v1::variant_state::State;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -125,6 +126,29 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
                     f.sha256.as_str()
                 };
                 println!("{sha}  {:>12}  {}", f.size, f.path);
+                if let Some(p) = &f.provenance {
+                    println!(
+                        "    from {} (sha256 {}), {} by {}: {}",
+                        p.source_path,
+                        p.source_sha256,
+                        p.variant,
+                        p.quantizer_version,
+                        p.parameters
+                    );
+                }
+            }
+            for v in &m.variants {
+                let state = match v.state() {
+                    State::Absent => "absent".to_owned(),
+                    State::Building => "building".to_owned(),
+                    State::Ready => format!(
+                        "ready, {} (revision {})",
+                        bytesize::ByteSize(v.total_size),
+                        v.revision
+                    ),
+                    State::Failed => format!("failed: {}", v.reason),
+                };
+                println!("variant   {}: {state}", v.variant);
             }
         }
         Command::Rm { reference } => {

@@ -38,32 +38,64 @@ pub fn fits_f16(values: &[f32]) -> bool {
         .all(|v| !v.is_finite() || v.abs() <= f16::MAX.to_f32())
 }
 
+/// Adding then subtracting 1.5 × 2^23 rounds a float of magnitude below 2^22 to an integer
+/// (ties to even) in two vectorizable additions, where `f32::round` is a library call.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+#[inline]
 fn round_code(x: f32, inv_scale: f32, max: f32) -> f32 {
-    (x * inv_scale).round().clamp(-max, max)
+    ((x * inv_scale).clamp(-max, max) + ROUND_MAGIC) - ROUND_MAGIC
 }
 
-/// The scale for `values` with codes in `[-max, max]` that minimises the squared error of
-/// quantizing and dequantizing them (0 when every value is 0).
+/// Lanes of the hand-vectorized reductions: float sums and maxima are not reassociated by
+/// the compiler, so they are split into independent accumulators it can keep in a vector.
+const LANES: usize = 8;
+
+/// Squared error of quantizing `values` with `scale` (codes in `[-max, max]`).
+#[inline]
+fn squared_error(values: &[f32], scale: f32, max: f32) -> f32 {
+    let inv = 1.0 / scale;
+    let err = |v: f32| {
+        let d = v - round_code(v, inv, max) * scale;
+        d * d
+    };
+    let mut acc = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| err(v)).sum();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += err(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Largest magnitude of `values`.
+#[inline]
+fn abs_max(values: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            let x = v.abs();
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// The scale for `values` (all finite) with codes in `[-max, max]` that minimises the
+/// squared error of quantizing and dequantizing them (0 when every value is 0).
 pub fn best_scale(values: &[f32], max: f32) -> f32 {
-    let absmax = values
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f32, |m, v| m.max(v.abs()));
-    if absmax == 0.0 {
+    let absmax = abs_max(values);
+    if absmax == 0.0 || !absmax.is_finite() {
         return 0.0;
     }
     let mut best = (f32::INFINITY, absmax / max);
     for ratio in CLIP_RATIOS {
         let scale = ratio * absmax / max;
-        let inv = 1.0 / scale;
-        let err: f32 = values
-            .iter()
-            .filter(|v| v.is_finite())
-            .map(|&v| {
-                let d = v - round_code(v, inv, max) * scale;
-                d * d
-            })
-            .sum();
+        let err = squared_error(values, scale, max);
         if err < best.0 {
             best = (err, scale);
         }
@@ -71,13 +103,11 @@ pub fn best_scale(values: &[f32], max: f32) -> f32 {
     best.1
 }
 
-/// The int4 scale (codes in [-8, 7]) for a block that minimises the squared error.
+/// The int4 scale (codes in [-8, 7]) for a block (all finite) that minimises the squared
+/// error.
 pub fn best_scale_int4(values: &[f32]) -> f32 {
-    let absmax = values
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f32, |m, v| m.max(v.abs()));
-    if absmax == 0.0 {
+    let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if absmax == 0.0 || !absmax.is_finite() {
         return 0.0;
     }
     let mut best = (f32::INFINITY, absmax / INT4_MAX);
@@ -87,9 +117,9 @@ pub fn best_scale_int4(values: &[f32]) -> f32 {
         let inv = 1.0 / scale;
         let err: f32 = values
             .iter()
-            .filter(|v| v.is_finite())
             .map(|&v| {
-                let d = v - (v * inv).round().clamp(INT4_MIN, INT4_MAX) * scale;
+                let q = ((v * inv).clamp(INT4_MIN, INT4_MAX) + ROUND_MAGIC) - ROUND_MAGIC;
+                let d = v - q * scale;
                 d * d
             })
             .sum();
@@ -100,7 +130,12 @@ pub fn best_scale_int4(values: &[f32]) -> f32 {
     best.1
 }
 
-/// Symmetric codes of `values` for `scale` (all 0 when the scale is 0).
+/// Non-finite values quantize as 0.
+fn finite(v: f32) -> f32 {
+    if v.is_finite() { v } else { 0.0 }
+}
+
+/// Symmetric codes of `values` (all finite) for `scale` (all 0 when the scale is 0).
 pub fn codes(values: &[f32], scale: f32, max: f32, out: &mut Vec<i8>) {
     out.clear();
     if scale == 0.0 {
@@ -108,10 +143,7 @@ pub fn codes(values: &[f32], scale: f32, max: f32, out: &mut Vec<i8>) {
         return;
     }
     let inv = 1.0 / scale;
-    out.extend(values.iter().map(|&v| {
-        let v = if v.is_finite() { v } else { 0.0 };
-        round_code(v, inv, max) as i8
-    }));
+    out.extend(values.iter().map(|&v| round_code(v, inv, max) as i8));
 }
 
 /// A tensor's elements viewed as `[outer, channels, inner]` around `axis`.
@@ -136,27 +168,58 @@ impl ChannelView {
     }
 }
 
-/// Per-channel symmetric quantization along a view's channel axis: one scale per channel.
+/// Tensors at least this large are quantized on several threads.
+const PARALLEL_ELEMENTS: usize = 1 << 20;
+
+/// Per-channel symmetric quantization along a view's channel axis: one scale per channel,
+/// channels spread over the available cores for large tensors.
 pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec<f32>, Vec<i8>) {
+    let channel = |c: usize| {
+        let mut data = Vec::with_capacity(view.outer * view.inner);
+        for o in 0..view.outer {
+            let start = view.index(o, c, 0);
+            data.extend(values[start..start + view.inner].iter().map(|&v| finite(v)));
+        }
+        let scale = best_scale(&data, max);
+        let mut q = Vec::new();
+        codes(&data, scale, max, &mut q);
+        (scale, q)
+    };
+    let threads = if values.len() >= PARALLEL_ELEMENTS {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(view.channels.max(1))
+    } else {
+        1
+    };
+    let per_channel: Vec<(f32, Vec<i8>)> = if threads <= 1 {
+        (0..view.channels).map(channel).collect()
+    } else {
+        let step = view.channels.div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..view.channels)
+                .step_by(step)
+                .map(|first| {
+                    let channel = &channel;
+                    scope.spawn(move || {
+                        (first..(first + step).min(view.channels))
+                            .map(channel)
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("quantizer thread"))
+                .collect()
+        })
+    };
     let mut scales = Vec::with_capacity(view.channels);
     let mut out = vec![0i8; values.len()];
-    let mut channel = Vec::with_capacity(view.outer * view.inner);
-    let mut q = Vec::new();
-    for c in 0..view.channels {
-        channel.clear();
-        for o in 0..view.outer {
-            for i in 0..view.inner {
-                channel.push(values[view.index(o, c, i)]);
-            }
-        }
-        let scale = best_scale(&channel, max);
-        codes(&channel, scale, max, &mut q);
-        let mut k = 0;
-        for o in 0..view.outer {
-            for i in 0..view.inner {
-                out[view.index(o, c, i)] = q[k];
-                k += 1;
-            }
+    for (c, (scale, q)) in per_channel.into_iter().enumerate() {
+        for (o, part) in q.chunks(view.inner.max(1)).enumerate().take(view.outer) {
+            let start = view.index(o, c, 0);
+            out[start..start + view.inner].copy_from_slice(part);
         }
         scales.push(scale);
     }

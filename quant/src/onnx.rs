@@ -410,7 +410,13 @@ impl Plan {
                 }))
             }
             Variant::Int8 => {
-                let Some(Some(usage)) = self.uses.get(&name) else {
+                // Names are only unique within a graph: a use seen on a tensor of another
+                // rank is not this tensor's.
+                let Some(Some(usage)) = self
+                    .uses
+                    .get(&name)
+                    .filter(|u| u.is_some_and(|u| u.axis < t.dims.len()))
+                else {
                     return Ok(None);
                 };
                 let values = float_values(t)?;

@@ -296,7 +296,9 @@ impl Registry {
                 cache.remove(&key);
                 continue;
             }
-            if rev.record_digest(file, index, value.digest) {
+            if rev.record_digest(file, index, value.digest)
+                && rev.variant == modelcache_proto::reference::ORIGINAL
+            {
                 self.finish_in_background(rev.clone());
             }
             let counter = match tier {
@@ -384,21 +386,12 @@ impl Registry {
             .await
             .map_err(|e| Error::Cache(e.to_string()))?;
         for (f, record) in rev.files.iter().enumerate() {
-            if record.sha256.get().is_some() {
-                continue;
+            if record.sha256.get().is_none() {
+                let sha = self.file_sha256(rev, f).await?;
+                let _ = record.sha256.set(sha);
             }
-            let mut hasher = sha2::Sha256::new();
-            for i in 0..record.keys.len() as u64 {
-                let (value, _) = self.chunk(rev, f, i).await?;
-                hasher = tokio::task::spawn_blocking(move || {
-                    hasher.update(&value.data);
-                    hasher
-                })
-                .await
-                .map_err(|e| Error::Cache(e.to_string()))?;
-            }
-            let _ = record.sha256.set(hex::encode(hasher.finalize()));
         }
+        // Only originals come here: a variant's revision has every digest from its build.
         let missing = self.cache.persist(&rev.chunk_keys()).await;
         if missing > 0 {
             tracing::warn!(model = %rev.name, missing, "chunks did not reach the disk tier");
@@ -406,6 +399,26 @@ impl Registry {
         self.manifests.save(rev)?;
         self.precompute(rev);
         Ok(())
+    }
+
+    /// The SHA-256 of one file of `rev`, read through the tiers and hashed on the
+    /// blocking pool.
+    pub(crate) async fn file_sha256(
+        self: &Arc<Self>,
+        rev: &Arc<Revision>,
+        file: usize,
+    ) -> Result<String> {
+        let mut hasher = sha2::Sha256::new();
+        for i in 0..rev.files[file].keys.len() as u64 {
+            let (value, _) = self.chunk(rev, file, i).await?;
+            hasher = tokio::task::spawn_blocking(move || {
+                hasher.update(&value.data);
+                hasher
+            })
+            .await
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        }
+        Ok(hex::encode(hasher.finalize()))
     }
 
     /// Waits until background work for every model read so far is done (tests, shutdown).

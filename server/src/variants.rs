@@ -458,7 +458,15 @@ impl Registry {
             if let Some(output) = outputs.remove(&record.origin.path) {
                 records.push(self.store(&name, variant, &id, output).await?);
             } else if !replaced.contains(&i) {
-                records.push(record.clone());
+                // A copied file: the original's chunks, with every digest and the SHA-256
+                // known, so that the variant's manifest is complete from the start.
+                let sha = match record.sha256.get() {
+                    Some(sha) => sha.clone(),
+                    None => self.file_sha256(&original, i).await?,
+                };
+                let copy = record.clone();
+                let _ = copy.sha256.set(sha);
+                records.push(copy);
             }
         }
         let rev = Arc::new(Revision::from_records(&name, variant.as_str(), id, records));

@@ -79,7 +79,8 @@ async fn unknown_model_and_folder_are_not_found_with_names() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    // The model has no weight file int8 applies to.
+    assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("int8"), "{}", err.message());
 }
 

@@ -410,6 +410,30 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
         node.registry.stats.variant_builds.load(Ordering::Relaxed),
         5
     );
+    // A variant asked for cold, before its original was ever read: the build reads the
+    // original in full, which precomputes fp16; nothing is built twice, and the variant's
+    // manifest has every digest and SHA-256 from the start.
+    node.prefetch_fresh("st-sharded:int8").await;
+    node.registry.wait_idle().await;
+    node.prefetch_fresh("st-sharded:int8").await;
+    node.registry.wait_idle().await;
+    assert_eq!(
+        node.registry.stats.variant_builds.load(Ordering::Relaxed),
+        7
+    );
+    let int8 = resolve(&node, "st-sharded:int8").await.unwrap();
+    assert!(
+        int8.files
+            .iter()
+            .all(|f| !f.sha256.is_empty() && !f.chunk_blake3.is_empty())
+    );
+    let original = resolve(&node, "st-sharded").await.unwrap();
+    assert!(
+        original
+            .variants
+            .iter()
+            .all(|v| v.variant == "bf16" || v.state() == State::Ready)
+    );
     // List shows ready variants next to the original.
     let list = node
         .client()
