@@ -216,6 +216,51 @@ pub fn agent_prefetch_peak_rss(bin: &Path, node: &str, dir: &Path, reference: &s
     }
 }
 
+/// Runs a command to completion under GNU time; returns its peak RSS in bytes.
+pub fn run_peak_rss(program: &Path, args: &[&std::ffi::OsStr]) -> Result<u64> {
+    let report = tempfile::NamedTempFile::new()?;
+    let status = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(report.path())
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .context("running /usr/bin/time (Debian package `time`)")?;
+    ensure!(status.success(), "{} failed", program.display());
+    let kib: u64 = std::fs::read_to_string(report.path())?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// `onnxruntime.quantization.quantize_dynamic(..., per_channel=True)` on `input`, timed
+/// inside Python (interpreter start and imports excluded).
+pub fn ort_quantize_dynamic(python: &Path, input: &Path, output: &Path) -> Result<Duration> {
+    let script = r#"
+import sys, time
+from onnxruntime.quantization import QuantType, quantize_dynamic
+t = time.perf_counter()
+quantize_dynamic(sys.argv[1], sys.argv[2], per_channel=True, weight_type=QuantType.QInt8)
+print(time.perf_counter() - t)
+"#;
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(input)
+        .arg(output)
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    ensure!(out.status.success(), "quantize_dynamic failed");
+    let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// A `cache-node` process against the benchmark's S3 server.
 pub struct NodeProcess {
     child: Option<Child>,
@@ -247,6 +292,9 @@ impl NodeProcess {
             s3::REGION.into(),
             "--s3-allow-http".into(),
             "true".into(),
+            // Variants are built only when a scenario asks for one (T7 is measured without).
+            "--precompute".into(),
+            "none".into(),
         ];
         let mut node = Self {
             child: None,

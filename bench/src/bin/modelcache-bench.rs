@@ -20,10 +20,14 @@ struct Opts {
     work: PathBuf,
     bin: PathBuf,
     venv_bin: PathBuf,
+    /// The Python with onnxruntime (scripts/py-env).
+    python: PathBuf,
     /// Size of the single-file model, MiB.
     single_mib: usize,
     /// Size of the multi-file model, MiB.
     multi_mib: usize,
+    /// Only the variant scenarios (T9, T10, V1, V2).
+    variants_only: bool,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -31,8 +35,10 @@ fn parse_opts() -> Result<Opts> {
         work: PathBuf::from("target/bench-work"),
         bin: PathBuf::from("target/release"),
         venv_bin: PathBuf::from("target/bench-venv/bin"),
+        python: PathBuf::from("target/py-venv/bin/python"),
         single_mib: 1024,
         multi_mib: 2048,
+        variants_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -41,14 +47,17 @@ fn parse_opts() -> Result<Opts> {
             "--work" => opts.work = value()?.into(),
             "--bin" => opts.bin = value()?.into(),
             "--venv-bin" => opts.venv_bin = value()?.into(),
+            "--python" => opts.python = value()?.into(),
             "--single-mib" => opts.single_mib = value()?.parse()?,
             "--multi-mib" => opts.multi_mib = value()?.parse()?,
+            "--variants-only" => opts.variants_only = true,
             other => bail!("unknown argument {other}; see scripts/bench"),
         }
     }
     opts.work = std::path::absolute(&opts.work)?;
     opts.bin = std::path::absolute(&opts.bin)?;
     opts.venv_bin = std::path::absolute(&opts.venv_bin)?;
+    opts.python = std::path::absolute(&opts.python)?;
     Ok(opts)
 }
 
@@ -61,6 +70,14 @@ async fn main() -> Result<()> {
 
     eprintln!("==> S3 server (in-process s3s-fs) and test data");
     let s3 = S3Server::start().await;
+    if opts.variants_only {
+        variants(&opts, &s3, &mut table).await?;
+        println!(
+            "{}",
+            table.render("S3 server: s3s-fs 0.14 (in-process, loopback)")
+        );
+        return Ok(());
+    }
     let single = data(1, opts.single_mib * MIB);
     s3.put("single/model.bin", &single).await;
     let parts = 4;
@@ -282,6 +299,8 @@ async fn main() -> Result<()> {
         100 * MIB as u64,
     ));
 
+    variants(&opts, &s3, &mut table).await?;
+
     drop(nginx);
     println!(
         "{}",
@@ -291,5 +310,131 @@ async fn main() -> Result<()> {
             measure::nginx_version()
         ))
     );
+    Ok(())
+}
+
+/// T9, T10 and the quantizers' memory: the ResNet-50-shaped sample (fp32, opset 13).
+async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
+    eprintln!("==> variants (T9, T10, quantizer memory)");
+    let dir = opts.work.join("variants");
+    std::fs::create_dir_all(&dir)?;
+    let model = modelcache_bench::resnet::resnet50(50);
+    let model_path = dir.join("resnet50.onnx");
+    std::fs::write(&model_path, &model)?;
+    s3.put("resnet50/model.onnx", &model).await;
+    let model_size = model.len() as u64;
+
+    // T9: the node's quantizer in-process (read, SHA-256 for the provenance, transform,
+    // write) against onnxruntime's quantize_dynamic in-process, same file.
+    let ours = measure::timed(|| {
+        let bytes = bytes::Bytes::from(std::fs::read(&model_path)?);
+        let provenance = modelcache_quant::Provenance {
+            source_sha256: measure::sha256_hex(&bytes),
+            variant: modelcache_quant::Variant::Int8,
+            format: modelcache_quant::Format::Onnx,
+        };
+        let out = modelcache_quant::onnx::transform(
+            bytes,
+            modelcache_quant::Variant::Int8,
+            &provenance,
+            &mut |_| Err(modelcache_quant::QuantError::invalid("no external data")),
+        )?;
+        std::fs::write(dir.join("ours-int8.onnx"), out.model)?;
+        Ok(())
+    })?;
+    let ort = measure::ort_quantize_dynamic(&opts.python, &model_path, &dir.join("ort-int8.onnx"))?;
+    table.push(Row::ratio(
+        "T9",
+        "ONNX int8 of the ResNet-50 sample (102 MB): speed",
+        ort.as_secs_f64() / ours.1.as_secs_f64(),
+        &format!(
+            "onnxruntime quantize_dynamic(per_channel=True): {:.2} s vs ours {:.2} s",
+            ort.as_secs_f64(),
+            ours.1.as_secs_f64()
+        ),
+        20.0,
+        true,
+    ));
+
+    // T10: cold prefetch of the int8 variant against a cold prefetch of the original.
+    let mut cold = Vec::new();
+    for reference in ["resnet50", "resnet50:int8"] {
+        let tag = reference.replace(':', "-");
+        let mut node =
+            measure::NodeProcess::start(&opts.bin, s3, &dir.join(format!("node-{tag}")), "1GiB")?;
+        measure::drop_page_cache();
+        let (_, took) = measure::timed(|| {
+            measure::agent_prefetch(
+                &opts.bin,
+                &node.url,
+                &dir.join(format!("agent-{tag}")),
+                reference,
+            )
+        })?;
+        node.stop()?;
+        cold.push(took);
+    }
+    table.push(Row::time(
+        "T10",
+        "agent prefetch resnet50:int8, cold node (fp32 in the origin)",
+        cold[1],
+        "cold prefetch of resnet50 (the original)",
+        cold[0],
+        1.5,
+    ));
+
+    // Quantizer memory, on modelcache-quantize (the node's transforms, streamed the same way).
+    let quantize = opts.bin.join("modelcache-quantize");
+    let out = dir.join("out.onnx");
+    let onnx_peak = measure::run_peak_rss(
+        &quantize,
+        &["int8".as_ref(), model_path.as_os_str(), out.as_os_str()],
+    )?;
+    table.push(Row::memory(
+        "V1",
+        "quantizer peak RSS, ONNX int8 of the 102 MB sample (limit 2.5× the file)",
+        onnx_peak,
+        model_size * 5 / 2,
+    ));
+    // A 1 GiB safetensors file of 16 tensors of 64 MiB.
+    let st = dir.join("big.safetensors");
+    let tensor = 64 * MIB;
+    {
+        use std::io::Write;
+        let mut header = String::from("{");
+        for i in 0..16 {
+            let (b, e) = (i * tensor, (i + 1) * tensor);
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!(
+                r#""layers.{i}.mlp.weight":{{"dtype":"F32","shape":[4096,4096],"data_offsets":[{b},{e}]}}"#
+            ));
+        }
+        header.push('}');
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&st)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        for i in 0..16u64 {
+            let values: Vec<u8> = data(500 + i, tensor / 4)
+                .iter()
+                .flat_map(|&b| (f32::from(b) / 255.0 - 0.5).to_le_bytes())
+                .collect();
+            f.write_all(&values)?;
+        }
+        f.flush()?;
+    }
+    let out = dir.join("out.safetensors");
+    let st_peak = measure::run_peak_rss(
+        &quantize,
+        &["int8".as_ref(), st.as_os_str(), out.as_os_str()],
+    )?;
+    table.push(Row::memory(
+        "V2",
+        "quantizer peak RSS, safetensors int8 of 1 GiB in 64 MiB tensors (limit 256 MiB + a tensor)",
+        st_peak,
+        (256 + 64) * MIB as u64,
+    ));
+    measure::remove(&dir);
     Ok(())
 }

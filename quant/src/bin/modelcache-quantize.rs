@@ -17,9 +17,14 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
     let name = input.to_string_lossy();
     let format = Format::of(&name)
         .ok_or_else(|| QuantError::invalid(format!("{name}: not .onnx, .safetensors or .gguf")))?;
-    let bytes = std::fs::read(input).map_err(|e| QuantError::io(format!("reading {name}"), e))?;
+    let open =
+        || std::fs::File::open(input).map_err(|e| QuantError::io(format!("reading {name}"), e));
+    // The source's SHA-256, streamed (the provenance names it).
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::io::BufReader::new(open()?), &mut hasher)
+        .map_err(|e| QuantError::io(format!("reading {name}"), e))?;
     let provenance = Provenance {
-        source_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        source_sha256: hex::encode(hasher.finalize()),
         variant,
         format,
     };
@@ -28,9 +33,14 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
             .map(BufWriter::new)
             .map_err(|e| QuantError::io(format!("creating {}", p.display()), e))
     };
-    let len = bytes.len() as u64;
+    let len = open()?
+        .metadata()
+        .map_err(|e| QuantError::io(format!("reading {name}"), e))?
+        .len();
     match format {
         Format::Onnx => {
+            let bytes =
+                std::fs::read(input).map_err(|e| QuantError::io(format!("reading {name}"), e))?;
             let dir = input.parent().unwrap_or(Path::new("."));
             let out = onnx::transform(Bytes::from(bytes), variant, &provenance, &mut |loc| {
                 std::fs::read(dir.join(loc))
@@ -52,7 +62,7 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
         Format::Safetensors => {
             let mut w = create(output)?;
             let layout = safetensors::transform(
-                std::io::Cursor::new(bytes),
+                std::io::BufReader::new(open()?),
                 len,
                 &mut w,
                 variant,
@@ -64,7 +74,7 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
         Format::Gguf => {
             let mut w = create(output)?;
             let s = gguf::transform(
-                std::io::Cursor::new(bytes),
+                std::io::BufReader::new(open()?),
                 len,
                 &mut w,
                 variant,
