@@ -14,6 +14,8 @@ pub mod safetensors;
 
 use std::fmt;
 
+pub use num::set_max_threads;
+
 /// Version of the quantizers; recorded in every variant's provenance. Bumped whenever
 /// the bytes a variant produces change.
 pub const QUANTIZER_VERSION: &str = "modelcache-quant/1";

@@ -171,6 +171,23 @@ impl ChannelView {
 /// Tensors at least this large are quantized on several threads.
 const PARALLEL_ELEMENTS: usize = 1 << 20;
 
+/// Threads one quantization may use (0: every core).
+static MAX_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Limits the threads one tensor's quantization uses (a node leaves cores for serving);
+/// 0 means every core.
+pub fn set_max_threads(n: usize) {
+    MAX_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match MAX_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => cores,
+        n => n.min(cores),
+    }
+}
+
 /// Per-channel symmetric quantization along a view's channel axis: one scale per channel,
 /// channels spread over the available cores for large tensors.
 pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec<f32>, Vec<i8>) {
@@ -186,9 +203,7 @@ pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec
         (scale, q)
     };
     let threads = if values.len() >= PARALLEL_ELEMENTS {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(view.channels.max(1))
+        threads().min(view.channels.max(1))
     } else {
         1
     };

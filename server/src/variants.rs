@@ -67,6 +67,9 @@ impl Variants {
         precompute: Vec<Variant>,
         parallelism: usize,
     ) -> Result<Self> {
+        // A build quantizes on half the cores at most, so that serving keeps the rest.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        modelcache_quant::set_max_threads((cores / 2).max(1));
         // Left-overs of builds interrupted by a crash.
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch)
