@@ -59,6 +59,8 @@ pub struct Revision {
     pub name: String,
     pub variant: String,
     pub id: String,
+    /// For a variant: the original revision it was built from.
+    pub source: Option<String>,
     pub files: Vec<FileRecord>,
     pub total_size: u64,
     pub total_chunks: u64,
@@ -113,6 +115,7 @@ impl Revision {
             name: name.to_owned(),
             variant: variant.to_owned(),
             id,
+            source: None,
             files,
             total_size,
             total_chunks,
@@ -218,6 +221,12 @@ fn copy_known(from: &FileRecord, to: &FileRecord) {
 #[derive(Serialize, Deserialize)]
 struct SavedRevision {
     name: String,
+    /// Absent in manifests of originals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    variant: Option<String>,
+    /// For a variant: the original revision it was built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
     revision: String,
     /// Unix time (seconds) when the origin last listed this revision.
     #[serde(default)]
@@ -232,6 +241,17 @@ struct SavedFile {
     etag: String,
     chunk_blake3: Vec<Option<String>>,
     sha256: Option<String>,
+    /// A variant's own file (its chunks are in the variant tier), with its provenance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    provenance: Option<SavedProvenance>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedProvenance {
+    source_path: String,
+    source_sha256: String,
+    quantizer_version: String,
+    parameters: String,
 }
 
 /// Saved manifests, one JSON file per model under `CACHE_DIR/manifests/`.
@@ -247,17 +267,25 @@ impl ManifestStore {
         Ok(Self { dir })
     }
 
-    fn file_for(&self, name: &str) -> PathBuf {
+    fn file_for(&self, name: &str, variant: &str) -> PathBuf {
+        let key = if variant == modelcache_proto::reference::ORIGINAL {
+            name.to_owned()
+        } else {
+            format!("{name}:{variant}")
+        };
         self.dir.join(format!(
             "{}.json",
-            &blake3::hash(name.as_bytes()).to_hex()[..32]
+            &blake3::hash(key.as_bytes()).to_hex()[..32]
         ))
     }
 
     pub fn save(&self, rev: &Revision) -> Result<()> {
         let confirmed = *rev.confirmed_at.lock().expect("revision lock poisoned");
+        let original = rev.variant == modelcache_proto::reference::ORIGINAL;
         let saved = SavedRevision {
             name: rev.name.clone(),
+            variant: (!original).then(|| rev.variant.clone()),
+            source: rev.source.clone(),
             revision: rev.id.clone(),
             confirmed_unix: confirmed
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -271,10 +299,16 @@ impl ManifestStore {
                     etag: f.origin.etag.clone(),
                     chunk_blake3: f.digests.iter().map(|d| d.get().map(hex::encode)).collect(),
                     sha256: f.sha256.get().cloned(),
+                    provenance: f.provenance.as_ref().map(|p| SavedProvenance {
+                        source_path: p.source_path.clone(),
+                        source_sha256: p.source_sha256.clone(),
+                        quantizer_version: p.quantizer_version.clone(),
+                        parameters: p.parameters.clone(),
+                    }),
                 })
                 .collect(),
         };
-        let path = self.file_for(&rev.name);
+        let path = self.file_for(&rev.name, &rev.variant);
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Cache(e.to_string()))?;
         std::fs::write(&tmp, text)
@@ -282,8 +316,8 @@ impl ManifestStore {
             .map_err(|e| Error::io(format!("saving manifest {}", path.display()), e))
     }
 
-    pub fn remove(&self, name: &str) {
-        let _ = std::fs::remove_file(self.file_for(name));
+    pub fn remove(&self, name: &str, variant: &str) {
+        let _ = std::fs::remove_file(self.file_for(name, variant));
     }
 
     /// Every saved revision; unreadable files are skipped with a warning.
@@ -314,19 +348,56 @@ fn restore(saved: SavedRevision) -> Result<Revision, String> {
     modelcache_proto::Reference::parse(&saved.name).map_err(|e| e.to_string())?;
     modelcache_proto::check_file_paths(saved.files.iter().map(|f| f.path.as_str()))
         .map_err(|e| e.to_string())?;
-    let files: Vec<OriginFile> = saved
-        .files
-        .iter()
-        .map(|f| OriginFile {
-            path: f.path.clone(),
-            size: f.size,
-            etag: f.etag.clone(),
-        })
-        .collect();
-    let rev = Revision::new(&saved.name, files, None);
-    if rev.id != saved.revision {
-        return Err("revision does not match its file list".into());
-    }
+    let origin_file = |f: &SavedFile| OriginFile {
+        path: f.path.clone(),
+        size: f.size,
+        etag: f.etag.clone(),
+    };
+    let rev = match &saved.variant {
+        None => {
+            let files: Vec<OriginFile> = saved.files.iter().map(origin_file).collect();
+            let rev = Revision::new(&saved.name, files, None);
+            if rev.id != saved.revision {
+                return Err("revision does not match its file list".into());
+            }
+            rev
+        }
+        Some(variant) => {
+            let parsed = modelcache_quant::Variant::parse(variant)
+                .ok_or_else(|| format!("unknown variant {variant:?}"))?;
+            let source = saved.source.clone().ok_or("a variant without its source")?;
+            if crate::variants::variant_id(&source, parsed) != saved.revision {
+                return Err("built by another quantizer version".into());
+            }
+            let records = saved
+                .files
+                .iter()
+                .map(|f| match &f.provenance {
+                    Some(p) => {
+                        let mut record = FileRecord::new(&saved.name, variant, origin_file(f));
+                        record.built = true;
+                        record.provenance = Some(v1::Provenance {
+                            source_path: p.source_path.clone(),
+                            source_sha256: p.source_sha256.clone(),
+                            variant: variant.clone(),
+                            quantizer_version: p.quantizer_version.clone(),
+                            parameters: p.parameters.clone(),
+                        });
+                        record
+                    }
+                    None => FileRecord::new(
+                        &saved.name,
+                        modelcache_proto::reference::ORIGINAL,
+                        origin_file(f),
+                    ),
+                })
+                .collect();
+            let mut rev =
+                Revision::from_records(&saved.name, variant, saved.revision.clone(), records);
+            rev.source = Some(source);
+            rev
+        }
+    };
     for (record, saved) in rev.files.iter().zip(&saved.files) {
         if saved.chunk_blake3.len() != record.digests.len() {
             return Err(format!("{}: wrong number of chunk digests", saved.path));

@@ -56,7 +56,7 @@ struct ModelSlot {
 pub struct Registry {
     origin: Arc<Origin>,
     cache: Arc<ChunkCache>,
-    manifests: ManifestStore,
+    pub(crate) manifests: ManifestStore,
     revalidate_after: Duration,
     origin_parallelism: usize,
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
@@ -78,7 +78,22 @@ impl Registry {
         origin_parallelism: usize,
     ) -> Self {
         let mut models = HashMap::new();
-        for rev in manifests.load_all() {
+        let (originals, built): (Vec<Revision>, Vec<Revision>) = manifests
+            .load_all()
+            .into_iter()
+            .partition(|r| r.variant == modelcache_proto::reference::ORIGINAL);
+        for rev in built {
+            // Only variants of the original revision this node still has.
+            if originals
+                .iter()
+                .any(|o| o.name == rev.name && Some(&o.id) == rev.source.as_ref())
+            {
+                variants.restore(rev);
+            } else {
+                manifests.remove(&rev.name, &rev.variant);
+            }
+        }
+        for rev in originals {
             let name = rev.name.clone();
             // A revision the origin confirmed less than `revalidate_after` ago is trusted
             // for the rest of that time: a restarted node serves without asking the origin.
@@ -207,7 +222,8 @@ impl Registry {
             }
             Err(e @ (Error::ModelNotFound { .. } | Error::UnsafeModelPath { .. })) => {
                 if state.current.take().is_some() {
-                    self.manifests.remove(name);
+                    self.manifests
+                        .remove(name, modelcache_proto::reference::ORIGINAL);
                 }
                 Err(e)
             }

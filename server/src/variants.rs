@@ -84,6 +84,27 @@ impl Variants {
         })
     }
 
+    /// A variant built before a restart, whose manifest was saved: ready again (and
+    /// rebuilt when it is asked for if its chunks are gone).
+    pub fn restore(&self, rev: Revision) {
+        let (Some(variant), Some(source)) = (Variant::parse(&rev.variant), rev.source.clone())
+        else {
+            return;
+        };
+        let rev: BuildResult = Ok(Arc::new(rev));
+        let name = rev.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let done = Arc::new(OnceLock::from(rev.clone()));
+        let result = futures::future::ready(rev).boxed().shared();
+        self.builds().insert(
+            (name, variant),
+            Build {
+                source,
+                result,
+                done,
+            },
+        );
+    }
+
     fn builds(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Variant), Build>> {
         self.builds.lock().expect("variant builds lock poisoned")
     }
@@ -115,9 +136,11 @@ pub fn applicable(original: &Revision) -> Vec<Variant> {
         .collect()
 }
 
-fn variant_id(original: &Revision, variant: Variant) -> String {
+/// A variant's revision: a digest of the original revision, the variant and the
+/// quantizer version (a rebuild gives the same revision and the same bytes).
+pub fn variant_id(original: &str, variant: Variant) -> String {
     let mut h = blake3::Hasher::new();
-    for part in [original.id.as_str(), variant.as_str(), QUANTIZER_VERSION] {
+    for part in [original, variant.as_str(), QUANTIZER_VERSION] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -453,7 +476,7 @@ impl Registry {
             replaced.insert(i);
         }
 
-        let id = variant_id(&original, variant);
+        let id = variant_id(&original.id, variant);
         let mut records = Vec::with_capacity(original.files.len());
         let mut outputs: HashMap<String, Output> =
             outputs.into_iter().map(|o| (o.path.clone(), o)).collect();
@@ -472,7 +495,12 @@ impl Registry {
                 records.push(copy);
             }
         }
-        let rev = Arc::new(Revision::from_records(&name, variant.as_str(), id, records));
+        let mut rev = Revision::from_records(&name, variant.as_str(), id, records);
+        rev.source = Some(original.id.clone());
+        let rev = Arc::new(rev);
+        if let Err(e) = self.manifests.save(&rev) {
+            tracing::warn!(model = %name, %variant, "could not save the variant's manifest: {e}");
+        }
         tracing::debug!(model = %name, %variant, elapsed = ?started.elapsed(), "variant stored");
         Ok(rev)
     }
