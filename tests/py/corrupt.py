@@ -31,6 +31,8 @@ def quantize_onnx(src, dst, axis_of):
     for n in g.node:
         if n.op_type == "Conv":
             axes[n.input[1]] = 0
+        elif n.op_type == "ConvTranspose":
+            axes[n.input[1]] = 1
         elif n.op_type == "Gemm":
             axes[n.input[1]] = 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1
     inits, nodes = [], []

@@ -45,19 +45,23 @@ def save_onnx(model, folder, external=False):
 
 
 def conv_opset11(out):
-    """Conv → Relu → Conv → GlobalAveragePool → Flatten → Gemm (transB=0), opset 11."""
+    """Conv → Relu → Conv → ConvTranspose → GlobalAveragePool → Flatten → Gemm (transB=0),
+    opset 11."""
     inits = [
         numpy_helper.from_array(weights((32, 3, 5, 5)), "conv1.w"),
         numpy_helper.from_array(np.zeros(32, np.float32), "conv1.b"),
         numpy_helper.from_array(weights((64, 32, 3, 3)), "conv2.w"),
-        numpy_helper.from_array(weights((64, 100), axis=1), "fc.w"),
+        # ConvTranspose weights are [in, out, kh, kw]: output channels on axis 1.
+        numpy_helper.from_array(weights((64, 48, 2, 2), axis=1), "up.w"),
+        numpy_helper.from_array(weights((48, 100), axis=1), "fc.w"),
         numpy_helper.from_array(RNG.standard_normal(100).astype(np.float32), "fc.b"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "conv1.w", "conv1.b"], ["c1"], pads=[2, 2, 2, 2]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "conv2.w"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+        helper.make_node("ConvTranspose", ["c2", "up.w"], ["u"], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["u"], ["p"]),
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"]),
     ]
