@@ -513,13 +513,18 @@ impl Registry {
     ) -> Result<(Bytes, String)> {
         let record = &rev.files[file];
         let mut buf = BytesMut::with_capacity(record.origin.size as usize);
-        let mut hasher = sha2::Sha256::new();
+        // The original's SHA-256 is often known already (computed once per revision).
+        let known = record.sha256.get().cloned();
+        let mut hasher = known.is_none().then(sha2::Sha256::new);
         let mut chunks = self.file_chunks(rev, file);
         while let Some(data) = chunks.try_next().await? {
-            hasher.update(&data);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&data);
+            }
             buf.extend_from_slice(&data);
         }
-        Ok((buf.freeze(), hex::encode(hasher.finalize())))
+        let sha = known.unwrap_or_else(|| hex::encode(hasher.expect("hashing").finalize()));
+        Ok((buf.freeze(), sha))
     }
 
     /// A whole file of `rev` written to `path` through the tiers; returns its SHA-256.
@@ -531,12 +536,15 @@ impl Registry {
     ) -> Result<String> {
         let out = std::fs::File::create(path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let mut state = (BufWriter::new(out), sha2::Sha256::new());
+        let known = rev.files[file].sha256.get().cloned();
+        let mut state = (BufWriter::new(out), known.is_none().then(sha2::Sha256::new));
         let mut chunks = self.file_chunks(rev, file);
         while let Some(data) = chunks.try_next().await? {
             state = tokio::task::spawn_blocking(move || {
                 let (mut w, mut h) = state;
-                h.update(&data);
+                if let Some(h) = h.as_mut() {
+                    h.update(&data);
+                }
                 w.write_all(&data).map(|()| (w, h))
             })
             .await
@@ -546,7 +554,7 @@ impl Registry {
         let (mut w, h) = state;
         w.flush()
             .map_err(|e| Error::io("writing a build input", e))?;
-        Ok(hex::encode(h.finalize()))
+        Ok(known.unwrap_or_else(|| hex::encode(h.expect("hashing").finalize())))
     }
 
     fn file_chunks<'a>(
