@@ -405,7 +405,8 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
         .collect();
     assert!(revisions.iter().all(|r| *r == revisions[0]));
     // One int4 build; reading opset17's original in full for it also started that model's
-    // precomputed int8 and fp16.
+    // precomputed int8 and fp16 (in the background: wait for them).
+    node.registry.wait_idle().await;
     assert_eq!(
         node.registry.stats.variant_builds.load(Ordering::Relaxed),
         5
