@@ -328,7 +328,8 @@ pub fn read_header<R: Read>(input: R, len: u64) -> Result<Header> {
 /// The ggml type `variant` turns a tensor of type `t` and shape `dims` into, if any.
 fn target_type(variant: Variant, t: u32, dims: &[u64]) -> Option<u32> {
     let float = t == GGML_F32 || t == GGML_F16;
-    if !float || dims.len() < 2 {
+    // A tensor with a zero dimension has no values to convert.
+    if !float || dims.len() < 2 || dims.contains(&0) {
         return None;
     }
     let target = match variant {
@@ -571,6 +572,22 @@ mod tests {
         assert_eq!(header.tensors[1].ggml_type, GGML_F32);
         assert_eq!(header.tensors[2].ggml_type, GGML_F32);
         assert!(header.keys().any(|k| k == "general.quantization_version"));
+    }
+
+    #[test]
+    fn empty_tensors_are_copied() {
+        // Found by fuzzing: a matrix with rows of zero elements.
+        let file = sample(&[("w", &[0, 4], vec![])]);
+        let mut out = Vec::new();
+        let summary = transform(
+            Cursor::new(&file),
+            file.len() as u64,
+            &mut out,
+            Variant::Q8_0,
+            &provenance(Variant::Q8_0),
+        )
+        .unwrap();
+        assert_eq!((summary.converted, summary.kept), (0, 1));
     }
 
     #[test]
