@@ -345,7 +345,10 @@ async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
             &mut |_| Err(modelcache_quant::QuantError::invalid("no external data")),
         )?;
         std::fs::write(dir.join("ours-int8.onnx"), out.model)?;
-        anyhow::ensure!(hashing.join().is_ok_and(|h| h.len() == 64), "hashing failed");
+        anyhow::ensure!(
+            hashing.join().is_ok_and(|h| h.len() == 64),
+            "hashing failed"
+        );
         Ok(())
     })?;
     let ort = measure::ort_quantize_dynamic(&opts.python, &model_path, &dir.join("ort-int8.onnx"))?;
