@@ -21,8 +21,29 @@ impl Progress {
         Self { bar: None }
     }
 
+    /// A spinner while the node resolves the reference; for a variant that is not built
+    /// yet, that is while the node builds it.
+    pub fn waiting(&self, reference: &Reference) {
+        if let Some(bar) = &self.bar {
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
+            );
+            bar.set_message(if reference.is_original() {
+                format!("{reference}: asking the node")
+            } else {
+                format!(
+                    "{reference}: waiting for the node (a variant not built yet is built first)"
+                )
+            });
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        }
+    }
+
     pub fn start(&self, reference: &Reference, total: u64, done: u64) {
         if let Some(bar) = &self.bar {
+            bar.disable_steady_tick();
+            // Back in progress after the spinner was cleared.
+            bar.reset();
             bar.set_style(
                 ProgressStyle::with_template(
                     "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

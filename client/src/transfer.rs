@@ -60,11 +60,15 @@ pub async fn prefetch(
     reference: &Reference,
     progress: &Progress,
 ) -> Result<Fetched> {
-    let manifest = client
+    progress.waiting(reference);
+    let resolved = client
         .resolve(ResolveRequest {
             reference: reference.to_string(),
         })
-        .await?
+        .await;
+    // The bars take over from the spinner; clear it whatever comes next.
+    progress.finish();
+    let manifest = resolved?
         .into_inner()
         .manifest
         .ok_or_else(|| protocol(reference, "Resolve returned no manifest"))?;
