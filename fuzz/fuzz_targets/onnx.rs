@@ -17,6 +17,8 @@ fuzz_target!(|data: &[u8]| {
         format: Format::Onnx,
     };
     let mut no_external = |_: &str| Err(QuantError::invalid("no external data"));
-    let _ = onnx::external_locations(Bytes::copy_from_slice(model));
-    let _ = onnx::transform(Bytes::copy_from_slice(model), variant, &provenance, &mut no_external);
+    if let Ok(model) = onnx::Model::decode(Bytes::copy_from_slice(model)) {
+        let _ = model.external_locations();
+        let _ = model.transform(variant, &provenance, &mut no_external);
+    }
 });

@@ -187,6 +187,51 @@ impl QuantError {
 
 pub type Result<T, E = QuantError> = std::result::Result<T, E>;
 
+/// Runs a streamed (safetensors or GGUF) transform from one file to another: one tensor in
+/// memory at a time. Returns the safetensors layout (for the shard index and config).
+pub fn transform_file(
+    source: &std::path::Path,
+    target: &std::path::Path,
+    format: Format,
+    variant: Variant,
+    provenance: &Provenance,
+) -> Result<Option<safetensors::Layout>> {
+    use std::io::Write;
+    let input = std::fs::File::open(source)
+        .map_err(|e| QuantError::io(format!("opening {}", source.display()), e))?;
+    let len = input
+        .metadata()
+        .map_err(|e| QuantError::io(format!("reading {}", source.display()), e))?
+        .len();
+    let input = std::io::BufReader::new(input);
+    let mut output = std::io::BufWriter::new(
+        std::fs::File::create(target)
+            .map_err(|e| QuantError::io(format!("creating {}", target.display()), e))?,
+    );
+    let layout = match format {
+        Format::Safetensors => Some(safetensors::transform(
+            input,
+            len,
+            &mut output,
+            variant,
+            provenance,
+        )?),
+        Format::Gguf => {
+            gguf::transform(input, len, &mut output, variant, provenance)?;
+            None
+        }
+        Format::Onnx => {
+            return Err(QuantError::invalid(
+                "ONNX is transformed whole, in memory (onnx::transform)",
+            ));
+        }
+    };
+    output
+        .flush()
+        .map_err(|e| QuantError::io(format!("writing {}", target.display()), e))?;
+    Ok(layout)
+}
+
 /// What happens to one file of a model in a variant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {

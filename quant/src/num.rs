@@ -43,20 +43,20 @@ pub fn fits_f16(values: &[f32]) -> bool {
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 #[inline]
-fn round_code(x: f32, inv_scale: f32, max: f32) -> f32 {
-    ((x * inv_scale).clamp(-max, max) + ROUND_MAGIC) - ROUND_MAGIC
+fn round_code(x: f32, inv_scale: f32, lo: f32, hi: f32) -> f32 {
+    ((x * inv_scale).clamp(lo, hi) + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 /// Lanes of the hand-vectorized reductions: float sums and maxima are not reassociated by
 /// the compiler, so they are split into independent accumulators it can keep in a vector.
 const LANES: usize = 8;
 
-/// Squared error of quantizing `values` with `scale` (codes in `[-max, max]`).
+/// Squared error of quantizing `values` with `scale` (codes in `[lo, hi]`).
 #[inline]
-fn squared_error(values: &[f32], scale: f32, max: f32) -> f32 {
+fn squared_error(values: &[f32], scale: f32, lo: f32, hi: f32) -> f32 {
     let inv = 1.0 / scale;
     let err = |v: f32| {
-        let d = v - round_code(v, inv, max) * scale;
+        let d = v - round_code(v, inv, lo, hi) * scale;
         d * d
     };
     let mut acc = [0f32; LANES];
@@ -95,7 +95,7 @@ pub fn best_scale(values: &[f32], max: f32) -> f32 {
     let mut best = (f32::INFINITY, absmax / max);
     for ratio in CLIP_RATIOS {
         let scale = ratio * absmax / max;
-        let err = squared_error(values, scale, max);
+        let err = squared_error(values, scale, -max, max);
         if err < best.0 {
             best = (err, scale);
         }
@@ -106,7 +106,7 @@ pub fn best_scale(values: &[f32], max: f32) -> f32 {
 /// The int4 scale (codes in [-8, 7]) for a block (all finite) that minimises the squared
 /// error.
 pub fn best_scale_int4(values: &[f32]) -> f32 {
-    let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let absmax = abs_max(values);
     if absmax == 0.0 || !absmax.is_finite() {
         return 0.0;
     }
@@ -114,15 +114,7 @@ pub fn best_scale_int4(values: &[f32]) -> f32 {
     for step in 0..INT4_RATIOS {
         // From absmax / 7 (nothing clipped) down to half of absmax / 8.
         let scale = absmax / INT4_MAX * (1.0 - step as f32 * 0.55 / INT4_RATIOS as f32);
-        let inv = 1.0 / scale;
-        let err: f32 = values
-            .iter()
-            .map(|&v| {
-                let q = ((v * inv).clamp(INT4_MIN, INT4_MAX) + ROUND_MAGIC) - ROUND_MAGIC;
-                let d = v - q * scale;
-                d * d
-            })
-            .sum();
+        let err = squared_error(values, scale, INT4_MIN, INT4_MAX);
         if err < best.0 {
             best = (err, scale);
         }
@@ -143,7 +135,7 @@ pub fn codes(values: &[f32], scale: f32, max: f32, out: &mut Vec<i8>) {
         return;
     }
     let inv = 1.0 / scale;
-    out.extend(values.iter().map(|&v| round_code(v, inv, max) as i8));
+    out.extend(values.iter().map(|&v| round_code(v, inv, -max, max) as i8));
 }
 
 /// A tensor's elements viewed as `[outer, channels, inner]` around `axis`.
@@ -261,14 +253,16 @@ pub fn quantize_blocks_axis0(
             column.extend((start..end).map(|r| values[r * cols + c]));
             let scale = best_scale_int4(&column);
             q.clear();
-            q.extend(column.iter().map(|&v| {
-                let v = if v.is_finite() && scale != 0.0 {
-                    v / scale
-                } else {
-                    0.0
-                };
-                v.round().clamp(INT4_MIN, INT4_MAX) as i8
-            }));
+            if scale == 0.0 {
+                q.resize(column.len(), 0);
+            } else {
+                let inv = 1.0 / scale;
+                q.extend(
+                    column
+                        .iter()
+                        .map(|&v| round_code(v, inv, INT4_MIN, INT4_MAX) as i8),
+                );
+            }
             for (k, r) in (start..end).enumerate() {
                 out[r * cols + c] = q[k];
             }

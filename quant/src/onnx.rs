@@ -81,24 +81,37 @@ fn default_opset(model: &ModelProto) -> Result<i64> {
         .ok_or_else(|| QuantError::invalid("the model imports no default-domain opset"))
 }
 
-/// The external data files a model refers to (to be read before [`transform`]).
-pub fn external_locations(input: Bytes) -> Result<Vec<String>> {
-    let mut model = decode_model(input)?;
-    locations(model.graph.as_mut().expect("checked"))
+/// A decoded model, for callers that read its external data files themselves between
+/// decoding and transforming (the node does: its reads are asynchronous), so the model is
+/// decoded once.
+pub struct Model {
+    proto: ModelProto,
 }
 
-fn locations(graph: &mut GraphProto) -> Result<Vec<String>> {
+impl Model {
+    pub fn decode(input: Bytes) -> Result<Self> {
+        Ok(Self {
+            proto: decode_model(input)?,
+        })
+    }
+
+    /// The external data files the model refers to, each once, in order of first use.
+    pub fn external_locations(&self) -> Vec<String> {
+        locations(self.proto.graph.as_ref().expect("checked"))
+    }
+}
+
+fn locations(graph: &GraphProto) -> Vec<String> {
     let mut out = Vec::new();
-    for_each_tensor(graph, &mut |t| {
+    for_each_tensor_ref(graph, &mut |t| {
         if t.data_location == Some(EXTERNAL)
             && let Some(loc) = external_field(t, "location")
             && !out.contains(&loc)
         {
             out.push(loc);
         }
-        Ok(())
-    })?;
-    Ok(out)
+    });
+    out
 }
 
 fn external_field(t: &TensorProto, key: &str) -> Option<String> {
@@ -148,6 +161,16 @@ fn for_each_graph(graph: &GraphProto, f: &mut dyn FnMut(&GraphProto)) {
             }
         }
     }
+}
+
+/// Calls `f` on every tensor of `graph` and its subgraphs without changing them.
+fn for_each_tensor_ref(graph: &GraphProto, f: &mut dyn FnMut(&TensorProto)) {
+    for_each_graph(graph, &mut |g| {
+        g.initializer.iter().for_each(&mut *f);
+        for attr in g.node.iter().flat_map(|n| &n.attribute) {
+            attr.t.iter().chain(&attr.tensors).for_each(&mut *f);
+        }
+    });
 }
 
 /// Replaces external references with the bytes they point to.
@@ -599,16 +622,15 @@ fn ops_used(graph: &GraphProto) -> HashSet<String> {
     ops
 }
 
-fn tensor_ranks(graph: &mut GraphProto) -> Result<HashMap<String, usize>> {
+fn tensor_ranks(graph: &GraphProto) -> HashMap<String, usize> {
     let mut ranks = HashMap::new();
-    for_each_tensor(graph, &mut |t| {
+    for_each_tensor_ref(graph, &mut |t| {
         if let Some(name) = &t.name {
             ranks.insert(name.clone(), t.dims.len());
         }
-        Ok(())
-    })?;
+    });
     // Constant node values carry the node's output name, not their own.
-    for_each_graph(&graph.clone(), &mut |g| {
+    for_each_graph(graph, &mut |g| {
         for n in &g.node {
             if n.op_type.as_deref() == Some("Constant")
                 && n.output.len() == 1
@@ -618,7 +640,7 @@ fn tensor_ranks(graph: &mut GraphProto) -> Result<HashMap<String, usize>> {
             }
         }
     });
-    Ok(ranks)
+    ranks
 }
 
 /// Moves every large initializer of every graph to one external data file.
@@ -660,7 +682,27 @@ pub fn transform(
     provenance: &Provenance,
     read_external: &mut ExternalReader<'_>,
 ) -> Result<Output> {
-    let mut model = decode_model(input)?;
+    Model::decode(input)?.transform(variant, provenance, read_external)
+}
+
+impl Model {
+    /// Builds `variant` of this model; see [`transform`].
+    pub fn transform(
+        self,
+        variant: Variant,
+        provenance: &Provenance,
+        read_external: &mut ExternalReader<'_>,
+    ) -> Result<Output> {
+        transform_model(self.proto, variant, provenance, read_external)
+    }
+}
+
+fn transform_model(
+    mut model: ModelProto,
+    variant: Variant,
+    provenance: &Provenance,
+    read_external: &mut ExternalReader<'_>,
+) -> Result<Output> {
     let mut opset = default_opset(&model)?;
     if opset < MIN_OPSET {
         return Err(QuantError::NotApplicable(format!(
@@ -668,7 +710,7 @@ pub fn transform(
         )));
     }
     let graph = model.graph.as_mut().expect("checked");
-    let locations = locations(graph)?;
+    let locations = locations(graph);
     load_external(graph, read_external)?;
     if variant == Variant::Int4 && opset < 21 {
         let mut changed: Vec<String> = ops_used(graph)
@@ -684,7 +726,7 @@ pub fn transform(
         }
         opset = 21;
     }
-    let ranks = tensor_ranks(graph)?;
+    let ranks = tensor_ranks(graph);
     let plan = Plan {
         variant,
         opset,

@@ -48,7 +48,10 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("building {name}:{variant} failed on {path}: {reason}; the original is still served")]
+    #[error(
+        "building {name}:{variant} failed on {path}: {reason}; the original is still served, \
+         and the variant is built again once the file changes in the origin"
+    )]
     VariantFailed {
         name: String,
         variant: String,

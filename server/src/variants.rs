@@ -91,8 +91,8 @@ impl Variants {
         else {
             return;
         };
+        let name = rev.name.clone();
         let rev: BuildResult = Ok(Arc::new(rev));
-        let name = rev.as_ref().map(|r| r.name.clone()).unwrap_or_default();
         let done = Arc::new(OnceLock::from(rev.clone()));
         let result = futures::future::ready(rev).boxed().shared();
         self.builds().insert(
@@ -373,13 +373,13 @@ impl Registry {
                 Format::Onnx => {
                     let (bytes, sha) = self.read_whole(&original, i).await?;
                     let dir = folder(&path).to_owned();
-                    let probe = bytes.clone();
-                    let locations = tokio::task::spawn_blocking(move || {
-                        modelcache_quant::onnx::external_locations(probe)
+                    let model = tokio::task::spawn_blocking(move || {
+                        modelcache_quant::onnx::Model::decode(bytes)
                     })
                     .await
                     .map_err(|e| Error::Cache(e.to_string()))?
                     .map_err(|e| failed(&path, e))?;
+                    let locations = model.external_locations();
                     let mut external = HashMap::new();
                     for location in &locations {
                         let model_path = join(&dir, location);
@@ -397,7 +397,7 @@ impl Registry {
                     }
                     let p = prov(&sha);
                     let out = tokio::task::spawn_blocking(move || {
-                        modelcache_quant::onnx::transform(bytes, variant, &p, &mut |loc| {
+                        model.transform(variant, &p, &mut |loc| {
                             external.get(loc).cloned().ok_or_else(|| {
                                 QuantError::invalid(format!("external data {loc} was not read"))
                             })
@@ -427,7 +427,7 @@ impl Registry {
                     let p = prov(&sha);
                     let (src, dst) = (source.clone(), target.clone());
                     let layout = tokio::task::spawn_blocking(move || {
-                        transform_file(&src, &dst, format, variant, &p)
+                        modelcache_quant::transform_file(&src, &dst, format, variant, &p)
                     })
                     .await
                     .map_err(|e| Error::Cache(e.to_string()))?
@@ -634,41 +634,4 @@ impl Registry {
         debug_assert_eq!(record.keys.len() as u64, size.div_ceil(CHUNK_SIZE));
         Ok(record)
     }
-}
-
-/// Runs a streamed (safetensors or GGUF) transform from one file to another.
-fn transform_file(
-    source: &Path,
-    target: &Path,
-    format: Format,
-    variant: Variant,
-    provenance: &Provenance,
-) -> std::result::Result<Option<modelcache_quant::safetensors::Layout>, QuantError> {
-    let input = std::fs::File::open(source).map_err(|e| QuantError::io("opening the source", e))?;
-    let len = input
-        .metadata()
-        .map_err(|e| QuantError::io("reading the source", e))?
-        .len();
-    let input = BufReader::new(input);
-    let mut output = BufWriter::new(
-        std::fs::File::create(target).map_err(|e| QuantError::io("creating the output", e))?,
-    );
-    let layout = match format {
-        Format::Safetensors => Some(modelcache_quant::safetensors::transform(
-            input,
-            len,
-            &mut output,
-            variant,
-            provenance,
-        )?),
-        Format::Gguf => {
-            modelcache_quant::gguf::transform(input, len, &mut output, variant, provenance)?;
-            None
-        }
-        Format::Onnx => unreachable!("ONNX is transformed in memory"),
-    };
-    output
-        .flush()
-        .map_err(|e| QuantError::io("writing the output", e))?;
-    Ok(layout)
 }

@@ -2,13 +2,11 @@
 //! `modelcache-quantize VARIANT INPUT OUTPUT`. For checking a quantizer by hand and for
 //! the benchmark; nodes build variants themselves.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use modelcache_quant::{Format, Provenance, QuantError, Variant, gguf, onnx, safetensors};
+use modelcache_quant::{Format, Provenance, QuantError, Variant, onnx};
 use sha2::Digest;
 
 fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError> {
@@ -28,15 +26,6 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
         variant,
         format,
     };
-    let create = |p: &Path| {
-        File::create(p)
-            .map(BufWriter::new)
-            .map_err(|e| QuantError::io(format!("creating {}", p.display()), e))
-    };
-    let len = open()?
-        .metadata()
-        .map_err(|e| QuantError::io(format!("reading {name}"), e))?
-        .len();
     match format {
         Format::Onnx => {
             let bytes =
@@ -59,32 +48,13 @@ fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError>
                 out.transformed, out.opset
             ))
         }
-        Format::Safetensors => {
-            let mut w = create(output)?;
-            let layout = safetensors::transform(
-                std::io::BufReader::new(open()?),
-                len,
-                &mut w,
-                variant,
-                &provenance,
-            )?;
-            w.flush().map_err(|e| QuantError::io("writing", e))?;
-            Ok(format!("{} tensors written", layout.tensors.len()))
-        }
-        Format::Gguf => {
-            let mut w = create(output)?;
-            let s = gguf::transform(
-                std::io::BufReader::new(open()?),
-                len,
-                &mut w,
-                variant,
-                &provenance,
-            )?;
-            w.flush().map_err(|e| QuantError::io("writing", e))?;
-            Ok(format!(
-                "{} tensors converted, {} kept",
-                s.converted, s.kept
-            ))
+        Format::Safetensors | Format::Gguf => {
+            let layout =
+                modelcache_quant::transform_file(input, output, format, variant, &provenance)?;
+            Ok(match layout {
+                Some(layout) => format!("{} tensors written", layout.tensors.len()),
+                None => "written".to_owned(),
+            })
         }
     }
 }
