@@ -1,5 +1,10 @@
 //! A real S3 server in the test process: `s3s-fs` over HTTP on `127.0.0.1:0`, behind a tap
 //! that counts every request and byte it serves and can delay, cut, or refuse responses.
+//!
+//! s3s answers every request (signature checks, ranges, headers, ETags); the tap then sends
+//! an object GET's bytes from the object's file in 1 MiB reads, where s3s-fs would read it
+//! 4 KiB per blocking task — several CPU-seconds per GiB on the cores the clients being
+//! measured share with it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -66,7 +71,7 @@ pub struct S3Server {
     pub addr: SocketAddr,
     pub tap: Arc<Tap>,
     tasks: JoinSet<()>,
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
 }
 
 impl S3Server {
@@ -82,6 +87,7 @@ impl S3Server {
         let tap = Arc::new(Tap::default());
         let mut tasks = JoinSet::new();
         let accept_tap = tap.clone();
+        let objects = Arc::new(root.path().to_owned());
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -90,8 +96,11 @@ impl S3Server {
                 };
                 let service = service.clone();
                 let tap = accept_tap.clone();
+                let objects = objects.clone();
                 connections.spawn(async move {
-                    let svc = service_fn(move |req| handle(service.clone(), tap.clone(), req));
+                    let svc = service_fn(move |req| {
+                        handle(service.clone(), tap.clone(), objects.clone(), req)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(socket), svc)
                         .await;
@@ -102,8 +111,13 @@ impl S3Server {
             addr,
             tap,
             tasks,
-            _root: root,
+            root,
         }
+    }
+
+    /// The file that holds an object's bytes.
+    pub fn object_path(&self, key: &str) -> std::path::PathBuf {
+        self.root.path().join(BUCKET).join(key)
     }
 
     pub fn endpoint(&self) -> String {
@@ -161,6 +175,7 @@ impl Drop for S3Server {
 async fn handle(
     service: s3s::service::S3Service,
     tap: Arc<Tap>,
+    objects: Arc<std::path::PathBuf>,
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<TapResponse, Infallible> {
     tap.requests.fetch_add(1, Ordering::SeqCst);
@@ -179,6 +194,11 @@ async fn handle(
             .query()
             .is_none_or(|q| q.is_empty() || q.starts_with("x-id=GetObject"))
         && req.uri().path().trim_start_matches('/').contains('/');
+    let object_file = is_object_get
+        .then(|| percent_decode(req.uri().path().trim_start_matches('/')))
+        .flatten()
+        .filter(|key| !key.split('/').any(|part| part == ".." || part == "."))
+        .map(|key| objects.join(key));
     if is_object_get {
         let key = req.uri().path().trim_start_matches('/').to_owned();
         let range = req
@@ -202,9 +222,16 @@ async fn handle(
         }
     };
     let cut = tap.cut_after.load(Ordering::SeqCst);
+    let range = object_file
+        .filter(|_| response.status().is_success())
+        .and_then(|file| Some((file, body_range(response.headers())?)));
     Ok(response.map(|body| {
+        let inner = match range {
+            Some((file, range)) => file_body(file, range),
+            None => body.map_err(BoxError::from).boxed(),
+        };
         TapBody {
-            inner: body,
+            inner,
             tap: tap.clone(),
             counted: is_object_get,
             remaining: (is_object_get && cut > 0).then_some(cut),
@@ -215,7 +242,7 @@ async fn handle(
 
 /// Counts object bytes and cuts bodies short when asked.
 struct TapBody {
-    inner: s3s::Body,
+    inner: http_body_util::combinators::BoxBody<Bytes, BoxError>,
     tap: Arc<Tap>,
     counted: bool,
     remaining: Option<u64>,
@@ -250,5 +277,110 @@ impl Body for TapBody {
                 .fetch_add(data.len() as u64, Ordering::SeqCst);
         }
         Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+/// Bytes of the file the response's headers describe: `Content-Range` of a 206, else all
+/// `Content-Length` bytes from the start.
+fn body_range(headers: &http::HeaderMap) -> Option<std::ops::Range<u64>> {
+    let header = |name| headers.get(name)?.to_str().ok();
+    let len: u64 = header(http::header::CONTENT_LENGTH)?.parse().ok()?;
+    let start = match header(http::header::CONTENT_RANGE) {
+        Some(range) => range
+            .strip_prefix("bytes ")?
+            .split_once('-')?
+            .0
+            .parse()
+            .ok()?,
+        None => 0,
+    };
+    Some(start..start + len)
+}
+
+/// Reads `range` of `file` in 1 MiB blocks on the blocking pool.
+fn file_body(
+    path: std::path::PathBuf,
+    range: std::ops::Range<u64>,
+) -> http_body_util::combinators::BoxBody<Bytes, BoxError> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 1024 * 1024;
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => Arc::new(file),
+        Err(e) => {
+            let err: BoxError = format!("{}: {e}", path.display()).into();
+            let failed = futures::stream::once(std::future::ready(Err(err)));
+            return http_body_util::StreamBody::new(failed).boxed();
+        }
+    };
+    let blocks = futures::stream::unfold(range.start, move |at| {
+        let file = file.clone();
+        let end = range.end;
+        async move {
+            if at >= end {
+                return None;
+            }
+            let len = (end - at).min(BLOCK) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(BoxError::from)
+            .and_then(|r| r.map_err(BoxError::from));
+            Some((read.map(Frame::data), at + len as u64))
+        }
+    });
+    http_body_util::StreamBody::new(blocks).boxed()
+}
+
+/// Decodes a percent-encoded URI path; `None` when it is malformed or not UTF-8.
+fn percent_decode(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_are_percent_decoded() {
+        assert_eq!(
+            percent_decode("models/a%20b/c%3Ad.bin").as_deref(),
+            Some("models/a b/c:d.bin")
+        );
+        assert_eq!(percent_decode("models/x%2").as_deref(), None);
+        assert_eq!(percent_decode("models/%zz").as_deref(), None);
+        assert_eq!(percent_decode("models/%FF").as_deref(), None);
+    }
+
+    #[test]
+    fn body_range_follows_the_response_headers() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, "7".parse().unwrap());
+        assert_eq!(body_range(&headers), Some(0..7));
+        headers.insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
+        headers.insert(
+            http::header::CONTENT_RANGE,
+            "bytes 5-9/100".parse().unwrap(),
+        );
+        assert_eq!(body_range(&headers), Some(5..10));
+        headers.insert(
+            http::header::CONTENT_RANGE,
+            "items 5-9/100".parse().unwrap(),
+        );
+        assert_eq!(body_range(&headers), None);
     }
 }
