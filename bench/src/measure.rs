@@ -192,6 +192,27 @@ pub fn agent_prefetch_spawn(bin: &Path, node: &str, dir: &Path, reference: &str)
     Ok(agent(bin, node, dir, reference).spawn()?)
 }
 
+/// CPU time (user + system) of a process, and of its children that were waited for.
+pub fn cpu_time(pid: u32) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14..=17 of stat; 3 is the first after ')'.
+    let ticks = |i: usize| fields.get(i - 3).copied().unwrap_or(0);
+    let hz = 100.0; // USER_HZ, fixed at 100 on Linux
+    let own = (ticks(14) + ticks(15)) as f64 / hz;
+    let children = (ticks(16) + ticks(17)) as f64 / hz;
+    Some((
+        Duration::from_secs_f64(own),
+        Duration::from_secs_f64(children),
+    ))
+}
+
 /// Peak RSS (VmHWM) of a running process, in bytes.
 pub fn peak_rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -240,19 +261,28 @@ pub fn run_peak_rss(program: &Path, args: &[&std::ffi::OsStr]) -> Result<u64> {
 }
 
 /// `onnxruntime.quantization.quantize_dynamic(..., per_channel=True)` on `input`, timed
-/// inside Python (interpreter start and imports excluded).
-pub fn ort_quantize_dynamic(python: &Path, input: &Path, output: &Path) -> Result<Duration> {
+/// inside Python (interpreter start and imports excluded): the best of `runs` in one process.
+pub fn ort_quantize_dynamic(
+    python: &Path,
+    input: &Path,
+    output: &Path,
+    runs: usize,
+) -> Result<Duration> {
     let script = r#"
 import sys, time
 from onnxruntime.quantization import QuantType, quantize_dynamic
-t = time.perf_counter()
-quantize_dynamic(sys.argv[1], sys.argv[2], per_channel=True, weight_type=QuantType.QInt8)
-print(time.perf_counter() - t)
+best = float("inf")
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter()
+    quantize_dynamic(sys.argv[1], sys.argv[2], per_channel=True, weight_type=QuantType.QInt8)
+    best = min(best, time.perf_counter() - t)
+print(best)
 "#;
     let out = Command::new(python)
         .args(["-c", script])
         .arg(input)
         .arg(output)
+        .arg(runs.to_string())
         .stderr(Stdio::null())
         .output()
         .with_context(|| format!("running {}", python.display()))?;
@@ -332,6 +362,12 @@ impl NodeProcess {
         self.url = format!("http://{addr}");
         self.child = Some(child);
         Ok(())
+    }
+
+    /// CPU time the node has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        Ok(cpu_time(pid).context("reading the node's CPU time")?.0)
     }
 
     pub fn peak_rss(&self) -> Result<u64> {

@@ -3,8 +3,10 @@
 //!
 //! References: nginx (sendfile) fetched with curl, a direct parallel ranged GET from the
 //! same S3 server (object_store, 8 ranges of 8 MiB in flight), `s5cmd cp`, `aws s3 cp`,
-//! and `sha256sum` after a plain download. The S3 server is the suite's in-process s3s-fs
-//! server, seeded through the S3 API. `scripts/bench` installs the references.
+//! and `sha256sum` after a plain download. The S3 server is the suite's in-process one (s3s
+//! over s3s-fs storage, see `modelcache_tests::s3`), seeded through the S3 API.
+//! `scripts/bench` installs the references. `--only cold,warm,many,memory,variants` runs
+//! some groups of scenarios; the cold group also prints where the CPU time went.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -15,6 +17,8 @@ use modelcache_bench::measure::{self, Row, Table};
 use modelcache_tests::{S3Server, data};
 
 const MIB: usize = 1024 * 1024;
+/// T9 times each quantizer this many times and keeps its best.
+const T9_RUNS: usize = 3;
 
 struct Opts {
     work: PathBuf,
@@ -26,8 +30,18 @@ struct Opts {
     single_mib: usize,
     /// Size of the multi-file model, MiB.
     multi_mib: usize,
-    /// Only the variant scenarios (T9, T10, V1, V2).
-    variants_only: bool,
+    /// Which groups of scenarios run (`--only`); all when empty.
+    only: Vec<String>,
+}
+
+/// Groups of scenarios `--only` selects: cold (T4, T5), warm (T1, T2, T3, T8), many (T6),
+/// memory (T7), variants (T9, T10, V1, V2).
+const GROUPS: [&str; 5] = ["cold", "warm", "many", "memory", "variants"];
+
+impl Opts {
+    fn runs(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -38,7 +52,7 @@ fn parse_opts() -> Result<Opts> {
         python: PathBuf::from("target/py-venv/bin/python"),
         single_mib: 1024,
         multi_mib: 2048,
-        variants_only: false,
+        only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -50,7 +64,16 @@ fn parse_opts() -> Result<Opts> {
             "--python" => opts.python = value()?.into(),
             "--single-mib" => opts.single_mib = value()?.parse()?,
             "--multi-mib" => opts.multi_mib = value()?.parse()?,
-            "--variants-only" => opts.variants_only = true,
+            "--variants-only" => opts.only = vec!["variants".into()],
+            "--only" => {
+                opts.only = value()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+                    bail!(
+                        "--only: unknown group {bad}; groups are {}",
+                        GROUPS.join(", ")
+                    );
+                }
+            }
             other => bail!("unknown argument {other}; see scripts/bench"),
         }
     }
@@ -68,45 +91,88 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&opts.work)?;
     let mut table = Table::default();
 
-    eprintln!("==> S3 server (in-process s3s-fs) and test data");
+    eprintln!("==> S3 server (in-process s3s) and test data");
     let s3 = S3Server::start().await;
-    if opts.variants_only {
+    let mut footer = String::from(
+        "S3 server: s3s 0.14 with s3s-fs 0.14 storage, object bodies read in 1 MiB blocks \
+         (in-process, loopback), seeded through the S3 API",
+    );
+    if GROUPS[..4].iter().any(|g| opts.runs(g)) {
+        let data = Data::seed(&opts, &s3).await?;
+        if opts.runs("cold") {
+            cold(&opts, &s3, &data, &mut table).await?;
+        }
+        if opts.runs("warm") {
+            warm(&opts, &s3, &data, &mut table).await?;
+        }
+        if opts.runs("many") {
+            many(&opts, &s3, &data, &mut table).await?;
+        }
+        if opts.runs("memory") {
+            memory(&opts, &s3, &data, &mut table)?;
+        }
+        footer.push_str(&format!("; nginx {}", measure::nginx_version()));
+    }
+    if opts.runs("variants") {
         variants(&opts, &s3, &mut table).await?;
-        println!(
-            "{}",
-            table.render("S3 server: s3s-fs 0.14 (in-process, loopback)")
-        );
-        return Ok(());
     }
-    let single = data(1, opts.single_mib * MIB);
-    s3.put("single/model.bin", &single).await;
-    let parts = 4;
-    let part_len = opts.multi_mib * MIB / parts;
-    for i in 0..parts {
-        s3.put(
-            &format!("multi/part-{i}.bin"),
-            &data(100 + i as u64, part_len),
-        )
-        .await;
+    println!("{}", table.render(&footer));
+    Ok(())
+}
+
+/// The benchmark's models in the S3 server, and the single file behind nginx.
+struct Data {
+    /// Serves the single file for T1–T3 until the benchmark ends.
+    _nginx: measure::Nginx,
+    nginx_url: String,
+    single_sha: String,
+    size: u64,
+    multi_size: u64,
+    single_label: String,
+    multi_label: String,
+}
+
+impl Data {
+    async fn seed(opts: &Opts, s3: &S3Server) -> Result<Self> {
+        let single = data(1, opts.single_mib * MIB);
+        s3.put("single/model.bin", &single).await;
+        if opts.runs("many") || opts.runs("memory") {
+            let parts = 4;
+            let part_len = opts.multi_mib * MIB / parts;
+            for i in 0..parts {
+                s3.put(
+                    &format!("multi/part-{i}.bin"),
+                    &data(100 + i as u64, part_len),
+                )
+                .await;
+            }
+            s3.put("multi/config.json", b"{\"parts\": 4}").await;
+        }
+        let www = opts.work.join("www");
+        std::fs::create_dir_all(&www)?;
+        std::fs::write(www.join("model.bin"), &single)?;
+        let nginx = measure::Nginx::start(&opts.work.join("nginx"), &www)?;
+        Ok(Self {
+            nginx_url: format!("http://127.0.0.1:{}/model.bin", nginx.port),
+            _nginx: nginx,
+            single_sha: measure::sha256_hex(&single),
+            size: (opts.single_mib * MIB) as u64,
+            multi_size: (opts.multi_mib * MIB) as u64 + 12,
+            single_label: format!("{} MiB single file", opts.single_mib),
+            multi_label: format!("{} MiB in 5 files", opts.multi_mib),
+        })
     }
-    s3.put("multi/config.json", b"{\"parts\": 4}").await;
-    let www = opts.work.join("www");
-    std::fs::create_dir_all(&www)?;
-    std::fs::write(www.join("model.bin"), &single)?;
-    let single_sha = measure::sha256_hex(&single);
-    drop(single);
+}
 
-    let nginx = measure::Nginx::start(&opts.work.join("nginx"), &www)?;
-    let nginx_url = format!("http://127.0.0.1:{}/model.bin", nginx.port);
-    let size = (opts.single_mib * MIB) as u64;
-    let multi_size = (opts.multi_mib * MIB) as u64 + 12;
-    let single_label = format!("{} MiB single file", opts.single_mib);
-    let multi_label = format!("{} MiB in 5 files", opts.multi_mib);
-
+/// T4, T5: a cold `cache-agent prefetch` against the direct ranged GET, s5cmd and aws.
+async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Result<()> {
     // Cold: the node is empty for every modelcache run.
     eprintln!("==> cold fetches (T4, T5)");
     let mut node =
-        measure::NodeProcess::start(&opts.bin, &s3, &opts.work.join("node-cold-1"), "2GiB")?;
+        measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-cold-1"), "2GiB")?;
+    let me = std::process::id();
+    let cpu = || measure::cpu_time(me).unwrap_or_default();
+    let (node_cpu, (bench_cpu, agent_cpu)) = (node.cpu_time()?, cpu());
     let agent_cold = measure::timed(|| {
         measure::agent_prefetch(
             &opts.bin,
@@ -115,18 +181,33 @@ async fn main() -> Result<()> {
             "single",
         )
     })?;
+    let node_cpu = node.cpu_time()? - node_cpu;
+    let (bench_cpu, agent_cpu) = (cpu().0 - bench_cpu, cpu().1 - agent_cpu);
     node.stop()?;
+    let before = cpu().0;
     let direct = measure::timed_async(measure::direct_ranged_get(
-        &s3,
+        s3,
         "single/model.bin",
         &opts.work.join("direct.bin"),
-        size,
+        data.size,
     ))
     .await?;
+    // Where the CPU went: two cores are shared by the S3 server (in this process), the
+    // node, the agent and the references.
+    eprintln!(
+        "    CPU: cold prefetch {:.2} s wall: node {:.2} s, agent {:.2} s, S3 server {:.2} s; \
+         direct ranged GET {:.2} s wall: S3 server + client {:.2} s",
+        agent_cold.1.as_secs_f64(),
+        node_cpu.as_secs_f64(),
+        agent_cpu.as_secs_f64(),
+        bench_cpu.as_secs_f64(),
+        direct.1.as_secs_f64(),
+        (cpu().0 - before).as_secs_f64()
+    );
     let s5cmd = measure::timed(|| {
         measure::s5cmd_cp(
             &opts.venv_bin,
-            &s3,
+            s3,
             "single/model.bin",
             &opts.work.join("s5cmd.bin"),
         )
@@ -134,14 +215,14 @@ async fn main() -> Result<()> {
     let awscli = measure::timed(|| {
         measure::aws_cp(
             &opts.venv_bin,
-            &s3,
+            s3,
             "single/model.bin",
             &opts.work.join("aws.bin"),
         )
     })?;
     table.push(Row::time(
         "T4",
-        &format!("agent prefetch, cold node, {single_label}"),
+        &format!("agent prefetch, cold node, {}", data.single_label),
         agent_cold.1,
         "direct parallel ranged GET",
         direct.1,
@@ -149,7 +230,7 @@ async fn main() -> Result<()> {
     ));
     table.push(Row::time(
         "T5a",
-        &format!("agent prefetch, cold node, {single_label}"),
+        &format!("agent prefetch, cold node, {}", data.single_label),
         agent_cold.1,
         "s5cmd cp",
         s5cmd.1,
@@ -157,7 +238,7 @@ async fn main() -> Result<()> {
     ));
     table.push(Row::time(
         "T5b",
-        &format!("agent prefetch, cold node, {single_label}"),
+        &format!("agent prefetch, cold node, {}", data.single_label),
         agent_cold.1,
         "aws s3 cp",
         awscli.1,
@@ -165,11 +246,15 @@ async fn main() -> Result<()> {
     ));
     measure::check_sha(
         &opts.work.join("agent-cold/single/@original/model.bin"),
-        &single_sha,
+        &data.single_sha,
     )?;
+    Ok(())
+}
 
+/// T1, T2, T3 (warm node) and T8 (warm from the disk tier after a restart).
+async fn warm(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Result<()> {
     eprintln!("==> warm fetches (T1, T2, T3)");
-    let node = measure::NodeProcess::start(&opts.bin, &s3, &opts.work.join("node-warm"), "2GiB")?;
+    let node = measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-warm"), "2GiB")?;
     measure::agent_prefetch(
         &opts.bin,
         &node.url,
@@ -185,18 +270,18 @@ async fn main() -> Result<()> {
             "single",
         )
     })?;
-    let curl_file = measure::timed(|| measure::curl(&nginx_url, &opts.work.join("curl.bin")))?;
+    let curl_file = measure::timed(|| measure::curl(&data.nginx_url, &opts.work.join("curl.bin")))?;
     let curl_sha = measure::timed(|| {
-        measure::curl(&nginx_url, &opts.work.join("curl-sha.bin"))?;
+        measure::curl(&data.nginx_url, &opts.work.join("curl-sha.bin"))?;
         measure::sha256sum(&opts.work.join("curl-sha.bin"))
     })?;
     let node_discard =
         measure::timed_async(measure::fetch_discard(&node.url, "single", false)).await?;
-    let curl_null = measure::timed(|| measure::curl(&nginx_url, Path::new("/dev/null")))?;
+    let curl_null = measure::timed(|| measure::curl(&data.nginx_url, Path::new("/dev/null")))?;
     table.push(Row::throughput(
         "T1",
-        &format!("node memory hit, client discards, {single_label}"),
-        size,
+        &format!("node memory hit, client discards, {}", data.single_label),
+        data.size,
         node_discard.1,
         "nginx → curl > /dev/null",
         curl_null.1,
@@ -204,7 +289,7 @@ async fn main() -> Result<()> {
     ));
     table.push(Row::time(
         "T2",
-        &format!("agent prefetch, warm node, verified, {single_label}"),
+        &format!("agent prefetch, warm node, verified, {}", data.single_label),
         agent_warm.1,
         "curl from nginx to disk",
         curl_file.1,
@@ -212,7 +297,7 @@ async fn main() -> Result<()> {
     ));
     table.push(Row::time(
         "T3",
-        &format!("agent prefetch, warm node, verified, {single_label}"),
+        &format!("agent prefetch, warm node, verified, {}", data.single_label),
         agent_warm.1,
         "curl + sha256sum",
         curl_sha.1,
@@ -220,7 +305,7 @@ async fn main() -> Result<()> {
     ));
 
     eprintln!("==> node restart: warm from the disk tier (T8)");
-    let warm_rate = size as f64 / agent_warm.1.as_secs_f64();
+    let warm_rate = data.size as f64 / agent_warm.1.as_secs_f64();
     let mut node = node;
     node.restart()?;
     measure::drop_page_cache();
@@ -232,10 +317,13 @@ async fn main() -> Result<()> {
             "single",
         )
     })?;
-    let disk_rate = size as f64 / agent_disk.1.as_secs_f64();
+    let disk_rate = data.size as f64 / agent_disk.1.as_secs_f64();
     table.push(Row::ratio(
         "T8",
-        &format!("warm fetch after node restart (disk tier), {single_label}: throughput"),
+        &format!(
+            "warm fetch after node restart (disk tier), {}: throughput",
+            data.single_label
+        ),
         disk_rate / warm_rate,
         "memory-tier warm fetch",
         0.5,
@@ -245,34 +333,45 @@ async fn main() -> Result<()> {
     for leftover in ["agent-warm", "agent-disk", "node-warm"] {
         measure::remove(&opts.work.join(leftover));
     }
+    Ok(())
+}
 
+/// T6: 16 concurrent cold fetches of one model.
+async fn many(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Result<()> {
     eprintln!("==> 16 concurrent cold fetches of one model (T6)");
     // 16 full copies would not fit this machine's disk next to everything else, so the 16
     // clients verify every chunk's BLAKE3 like the agent does and discard the bytes.
-    let node = measure::NodeProcess::start(&opts.bin, &s3, &opts.work.join("node-16"), "2GiB")?;
+    let node = measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-16"), "2GiB")?;
     s3.tap.reset();
     let clients = (0..16).map(|_| measure::fetch_discard(&node.url, "multi", true));
     for received in futures::future::join_all(clients).await {
         anyhow::ensure!(
-            received? == multi_size,
+            received? == data.multi_size,
             "a client got the wrong number of bytes"
         );
     }
     let origin_bytes = s3.tap.get_bytes.load(Ordering::SeqCst);
     table.push(Row::ratio(
         "T6",
-        &format!("16 concurrent cold fetches of one model ({multi_label}): origin bytes"),
-        origin_bytes as f64 / multi_size as f64,
-        "model size",
+        &format!(
+            "16 concurrent cold fetches of one model ({}): origin bytes",
+            data.multi_label
+        ),
+        origin_bytes as f64 / data.multi_size as f64,
+        "model data.size",
         1.05,
         false,
     ));
     drop(node);
     measure::remove(&opts.work.join("node-16"));
+    Ok(())
+}
 
+/// T7: peak RSS of node and agent.
+fn memory(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Result<()> {
     eprintln!("==> memory (T7): 256 MiB memory tier, 2 GiB model cold then warm");
     let mut node =
-        measure::NodeProcess::start(&opts.bin, &s3, &opts.work.join("node-rss"), "256MiB")?;
+        measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-rss"), "256MiB")?;
     let mut agent_peak = 0;
     for run in ["cold", "warm"] {
         let peak = measure::agent_prefetch_peak_rss(
@@ -288,28 +387,19 @@ async fn main() -> Result<()> {
     node.stop()?;
     table.push(Row::memory(
         "T7a",
-        &format!("node peak RSS, 256 MiB memory tier, {multi_label} cold + warm"),
+        &format!(
+            "node peak RSS, 256 MiB memory tier, {} cold + warm",
+            data.multi_label
+        ),
         node_peak,
         512 * MIB as u64,
     ));
     table.push(Row::memory(
         "T7b",
-        &format!("agent peak RSS, {multi_label}"),
+        &format!("agent peak RSS, {}", data.multi_label),
         agent_peak,
         100 * MIB as u64,
     ));
-
-    variants(&opts, &s3, &mut table).await?;
-
-    drop(nginx);
-    println!(
-        "{}",
-        table.render(&format!(
-            "S3 server: s3s-fs {} (in-process, loopback), seeded through the S3 API; nginx {}",
-            "0.14",
-            measure::nginx_version()
-        ))
-    );
     Ok(())
 }
 
@@ -326,8 +416,10 @@ async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
 
     // T9: the node's quantizer in-process (read, transform, write; the SHA-256 of the
     // source for the provenance on another thread, as the node hashes while it reads)
-    // against onnxruntime's quantize_dynamic in-process, same file.
-    let ours = measure::timed(|| {
+    // against onnxruntime's quantize_dynamic in-process, same file. Both read the file from
+    // the page cache (it was just written), and each takes its best of `T9_RUNS`.
+    let quantize_once = || -> Result<Duration> {
+        let start = std::time::Instant::now();
         let bytes = bytes::Bytes::from(std::fs::read(&model_path)?);
         let hashing = {
             let bytes = bytes.clone();
@@ -349,17 +441,26 @@ async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
             hashing.join().is_ok_and(|h| h.len() == 64),
             "hashing failed"
         );
-        Ok(())
-    })?;
-    let ort = measure::ort_quantize_dynamic(&opts.python, &model_path, &dir.join("ort-int8.onnx"))?;
+        Ok(start.elapsed())
+    };
+    let mut ours = Duration::MAX;
+    for _ in 0..T9_RUNS {
+        ours = ours.min(quantize_once()?);
+    }
+    let ort = measure::ort_quantize_dynamic(
+        &opts.python,
+        &model_path,
+        &dir.join("ort-int8.onnx"),
+        T9_RUNS,
+    )?;
     table.push(Row::ratio(
         "T9",
         "ONNX int8 of the ResNet-50 sample (102 MB): speed",
-        ort.as_secs_f64() / ours.1.as_secs_f64(),
+        ort.as_secs_f64() / ours.as_secs_f64(),
         &format!(
             "onnxruntime quantize_dynamic(per_channel=True): {:.2} s vs ours {:.2} s",
             ort.as_secs_f64(),
-            ours.1.as_secs_f64()
+            ours.as_secs_f64()
         ),
         20.0,
         true,
