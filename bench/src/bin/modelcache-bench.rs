@@ -358,7 +358,7 @@ async fn many(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
             data.multi_label
         ),
         origin_bytes as f64 / data.multi_size as f64,
-        "model data.size",
+        "model size",
         1.05,
         false,
     ));
