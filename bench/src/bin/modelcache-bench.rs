@@ -170,39 +170,50 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
     eprintln!("==> cold fetches (T4, T5)");
     let mut node =
         measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-cold-1"), "2GiB")?;
+    // CPU time is read inside the timed closures, after the page cache was dropped (which
+    // costs this process CPU time of its own).
     let me = std::process::id();
     let cpu = || measure::cpu_time(me).unwrap_or_default();
-    let (node_cpu, (bench_cpu, agent_cpu)) = (node.cpu_time()?, cpu());
     let agent_cold = measure::timed(|| {
+        let (node_before, (bench_before, children_before)) = (node.cpu_time()?, cpu());
         measure::agent_prefetch(
             &opts.bin,
             &node.url,
             &opts.work.join("agent-cold"),
             "single",
-        )
+        )?;
+        let (bench, children) = cpu();
+        Ok([
+            node.cpu_time()? - node_before,
+            children - children_before,
+            bench - bench_before,
+        ])
     })?;
-    let node_cpu = node.cpu_time()? - node_cpu;
-    let (bench_cpu, agent_cpu) = (cpu().0 - bench_cpu, cpu().1 - agent_cpu);
     node.stop()?;
-    let before = cpu().0;
-    let direct = measure::timed_async(measure::direct_ranged_get(
-        s3,
-        "single/model.bin",
-        &opts.work.join("direct.bin"),
-        data.size,
-    ))
+    let direct = measure::timed_async(async {
+        let before = cpu().0;
+        measure::direct_ranged_get(
+            s3,
+            "single/model.bin",
+            &opts.work.join("direct.bin"),
+            data.size,
+        )
+        .await?;
+        Ok(cpu().0 - before)
+    })
     .await?;
     // Where the CPU went: two cores are shared by the S3 server (in this process), the
     // node, the agent and the references.
+    let [node_cpu, agent_cpu, server_cpu] = agent_cold.0;
     eprintln!(
         "    CPU: cold prefetch {:.2} s wall: node {:.2} s, agent {:.2} s, S3 server {:.2} s; \
          direct ranged GET {:.2} s wall: S3 server + client {:.2} s",
         agent_cold.1.as_secs_f64(),
         node_cpu.as_secs_f64(),
         agent_cpu.as_secs_f64(),
-        bench_cpu.as_secs_f64(),
+        server_cpu.as_secs_f64(),
         direct.1.as_secs_f64(),
-        (cpu().0 - before).as_secs_f64()
+        direct.0.as_secs_f64()
     );
     let s5cmd = measure::timed(|| {
         measure::s5cmd_cp(
