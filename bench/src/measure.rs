@@ -291,9 +291,14 @@ print(best)
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Lines of a node's stderr kept for its error message.
+const NODE_LOG_LINES: usize = 40;
+
 /// A `cache-node` process against the benchmark's S3 server.
 pub struct NodeProcess {
     child: Option<Child>,
+    /// The last lines the node wrote to stderr, for the error when it fails.
+    log: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
     args: Vec<String>,
     bin: PathBuf,
     pub url: String,
@@ -311,7 +316,9 @@ impl NodeProcess {
             "--memory-capacity".into(),
             memory.into(),
             "--disk-capacity".into(),
-            "8GiB".into(),
+            "4GiB".into(),
+            "--variant-capacity".into(),
+            "1GiB".into(),
             "--s3-endpoint".into(),
             s3.endpoint(),
             "--s3-access-key-id".into(),
@@ -328,6 +335,7 @@ impl NodeProcess {
         ];
         let mut node = Self {
             child: None,
+            log: Default::default(),
             args,
             bin: bin.to_owned(),
             url: String::new(),
@@ -344,8 +352,16 @@ impl NodeProcess {
             .spawn()?;
         let stderr = child.stderr.take().context("node stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut tail = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if tail.len() == NODE_LOG_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.clone());
+                }
                 if let Some(addr) = line.split("addr=").nth(1) {
                     let _ = tx.send(
                         addr.split_whitespace()
@@ -384,7 +400,12 @@ impl NodeProcess {
             ensure!(status.success(), "kill failed");
             let status = child.wait()?;
             if !status.success() {
-                bail!("cache-node exited with {status}");
+                let tail = self.log.lock().unwrap_or_else(|e| e.into_inner());
+                let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+                bail!(
+                    "cache-node exited with {status}; its last lines:\n{}",
+                    tail.join("\n")
+                );
             }
         }
         Ok(())

@@ -188,6 +188,7 @@ impl ChunkCache {
             .build()
             .await
             .map_err(|e| Error::Cache(format!("opening tiers at {}: {e}", dir.display())))?;
+        reserve(dir)?;
         Ok(Self { hybrid })
     }
 
@@ -275,6 +276,50 @@ impl ChunkCache {
             .await
             .map_err(|e| Error::Cache(format!("closing tiers: {e}")))
     }
+}
+
+/// Allocates every file of the disk tier in full. foyer creates them sparse, so a filesystem
+/// that fills up later (the agent's downloads, other programs) would fail the tier's writes
+/// mid-flight, and foyer panics on such failures; with the blocks reserved here, a node whose
+/// tiers do not fit stops at startup with an error that says so, before allocating anything.
+fn reserve(dir: &Path) -> Result<()> {
+    use fs4::fs_std::FileExt;
+    let io = |what: &Path, e| Error::io(format!("reserving {}", what.display()), e);
+    let mut files = Vec::new();
+    let mut missing = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let path = entry.path();
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("foyer-storage-")
+        {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let len = file.metadata().map_err(|e| io(&path, e))?.len();
+        let allocated = file.allocated_size().map_err(|e| io(&path, e))?;
+        missing += len.saturating_sub(allocated);
+        files.push((path, file, len));
+    }
+    let free = fs4::available_space(dir).map_err(|e| io(dir, e))?;
+    if missing > free {
+        return Err(Error::Config(format!(
+            "disk tier at {} needs {} MiB more and the filesystem has {} MiB free; lower \
+             --disk-capacity or --variant-capacity, or free some space",
+            dir.display(),
+            missing.div_ceil(1 << 20),
+            free >> 20
+        )));
+    }
+    for (path, file, len) in files {
+        file.allocate(len).map_err(|e| io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// foyer wraps a failed fetch in its own error; give the caller ours back.
