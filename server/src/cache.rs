@@ -317,7 +317,18 @@ fn reserve(dir: &Path) -> Result<()> {
         )));
     }
     for (path, file, len) in files {
-        file.allocate(len).map_err(|e| io(&path, e))?;
+        match file.allocate(len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "this filesystem cannot reserve the disk tier's space; the tier's writes \
+                     will fail if the filesystem fills up"
+                );
+                break;
+            }
+            Err(e) => return Err(io(&path, e)),
+        }
     }
     Ok(())
 }
