@@ -13,7 +13,7 @@ pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Largest HTTP/2 frame the node may send: a 2 MiB chunk arrives in a few frames instead of
 /// 128 of the 16 KiB default, and each frame costs the receiving task a wake-up.
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024 - 1;
 /// Largest gRPC message accepted: a chunk plus framing.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// How long to wait for a node to accept a connection.
