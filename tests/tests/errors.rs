@@ -224,7 +224,9 @@ async fn origin_object_beside_its_own_folder_is_refused() {
         .unwrap();
     let origin = cache_node::origin::Origin::new(store, Path::default(), "memory://");
     let cache = tempfile::tempdir().unwrap();
-    let config = cache_node::Config::with_origin("unused", cache.path());
+    let mut config = cache_node::Config::with_origin("unused", cache.path());
+    config.disk_capacity = bytesize::ByteSize::mib(256);
+    config.variant_capacity = bytesize::ByteSize::mib(64);
     let node = TestNode::start_with(
         cache_node::Node::with_origin(&config, origin)
             .await
