@@ -515,6 +515,20 @@ mod tests {
     }
 
     /// A GGUF with one key/value and the given F32 tensors.
+    /// `file` transformed to `variant`, and what the transform reported.
+    fn convert(file: &[u8], variant: Variant) -> (Vec<u8>, Summary) {
+        let mut out = Vec::new();
+        let summary = transform(
+            Cursor::new(file),
+            file.len() as u64,
+            &mut out,
+            variant,
+            &provenance(variant),
+        )
+        .unwrap();
+        (out, summary)
+    }
+
     pub(crate) fn sample(tensors: &[(&str, &[u64], Vec<f32>)]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(MAGIC);
@@ -555,15 +569,7 @@ mod tests {
             ("blk.0.attn_norm.weight", &[64], vec![1.0; 64]),
             ("odd.weight", &[33, 2], vec![0.5; 66]),
         ]);
-        let mut out = Vec::new();
-        let summary = transform(
-            Cursor::new(&file),
-            file.len() as u64,
-            &mut out,
-            Variant::Q8_0,
-            &provenance(Variant::Q8_0),
-        )
-        .unwrap();
+        let (out, summary) = convert(&file, Variant::Q8_0);
         assert_eq!(summary.converted, 1);
         assert_eq!(summary.kept, 2);
         let header = read_header(Cursor::new(&out), out.len() as u64).unwrap();
@@ -578,15 +584,7 @@ mod tests {
     fn empty_tensors_are_copied() {
         // Found by fuzzing: a matrix with rows of zero elements.
         let file = sample(&[("w", &[0, 4], vec![])]);
-        let mut out = Vec::new();
-        let summary = transform(
-            Cursor::new(&file),
-            file.len() as u64,
-            &mut out,
-            Variant::Q8_0,
-            &provenance(Variant::Q8_0),
-        )
-        .unwrap();
+        let (_, summary) = convert(&file, Variant::Q8_0);
         assert_eq!((summary.converted, summary.kept), (0, 1));
     }
 

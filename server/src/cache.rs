@@ -290,6 +290,7 @@ fn reserve(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let path = entry.path();
+        // foyer's file device names its partition files `foyer-storage-…` in this dir.
         if !entry
             .file_name()
             .to_string_lossy()
