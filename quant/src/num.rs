@@ -127,15 +127,25 @@ fn finite(v: f32) -> f32 {
     if v.is_finite() { v } else { 0.0 }
 }
 
-/// Symmetric codes of `values` (all finite) for `scale` (all 0 when the scale is 0).
-pub fn codes(values: &[f32], scale: f32, max: f32, out: &mut Vec<i8>) {
-    out.clear();
+/// Symmetric codes of `values` (all finite) for `scale` into `out` (all 0 when the scale
+/// is 0).
+pub fn codes_into(values: &[f32], scale: f32, max: f32, out: &mut [i8]) {
     if scale == 0.0 {
-        out.resize(values.len(), 0);
+        out.fill(0);
         return;
     }
     let inv = 1.0 / scale;
-    out.extend(values.iter().map(|&v| round_code(v, inv, -max, max) as i8));
+    for (q, &v) in out.iter_mut().zip(values) {
+        *q = code_i8(v, inv, max);
+    }
+}
+
+/// The int8 code of `x`: after adding `ROUND_MAGIC`, a code's two's complement sits in the
+/// float's low mantissa bits, so the byte is read from the bits rather than through a
+/// float-to-integer conversion (which does not vectorize).
+#[inline]
+fn code_i8(x: f32, inv_scale: f32, max: f32) -> i8 {
+    ((x * inv_scale).clamp(-max, max) + ROUND_MAGIC).to_bits() as u8 as i8
 }
 
 /// A tensor's elements viewed as `[outer, channels, inner]` around `axis`.
@@ -161,7 +171,7 @@ impl ChannelView {
 }
 
 /// Tensors at least this large are quantized on several threads.
-const PARALLEL_ELEMENTS: usize = 1 << 20;
+const PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// Threads one quantization may use (0: every core).
 static MAX_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -180,55 +190,131 @@ fn threads() -> usize {
     }
 }
 
+/// Float values a quantizer reads a run at a time: a slice of `f32`, or the little-endian
+/// bytes of one (decoded a run at a time, so a tensor is never held twice as floats).
+pub trait Floats: Sync {
+    /// How many values there are.
+    fn count(&self) -> usize;
+    /// Appends values `start..start + n` to `out`, NaN and infinities as 0.
+    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>);
+}
+
+impl Floats for [f32] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>) {
+        out.extend(self[start..start + n].iter().map(|&v| finite(v)));
+    }
+}
+
+/// Little-endian `f32` bytes (a length that is a multiple of 4).
+pub struct LeF32<'a>(pub &'a [u8]);
+
+impl Floats for LeF32<'_> {
+    fn count(&self) -> usize {
+        self.0.len() / 4
+    }
+
+    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>) {
+        out.extend(
+            self.0[start * 4..(start + n) * 4]
+                .chunks_exact(4)
+                .map(|b| finite(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        );
+    }
+}
+
 /// Per-channel symmetric quantization along a view's channel axis: one scale per channel,
 /// channels spread over the available cores for large tensors.
-pub fn quantize_per_channel(values: &[f32], view: ChannelView, max: f32) -> (Vec<f32>, Vec<i8>) {
-    let channel = |c: usize| {
-        let mut data = Vec::with_capacity(view.outer * view.inner);
-        for o in 0..view.outer {
-            let start = view.index(o, c, 0);
-            data.extend(values[start..start + view.inner].iter().map(|&v| finite(v)));
-        }
-        let scale = best_scale(&data, max);
-        let mut q = Vec::new();
-        codes(&data, scale, max, &mut q);
-        (scale, q)
-    };
-    let threads = if values.len() >= PARALLEL_ELEMENTS {
-        threads().min(view.channels.max(1))
+pub fn quantize_per_channel<V: Floats + ?Sized>(
+    values: &V,
+    view: ChannelView,
+    max: f32,
+) -> (Vec<f32>, Vec<i8>) {
+    let len = values.count();
+    let mut scales = vec![0f32; view.channels];
+    let mut out = vec![0i8; len];
+    if len == 0 {
+        return (scales, out);
+    }
+    let threads = if len >= PARALLEL_ELEMENTS {
+        threads().min(view.channels)
     } else {
         1
     };
-    let per_channel: Vec<(f32, Vec<i8>)> = if threads <= 1 {
-        (0..view.channels).map(channel).collect()
-    } else {
-        let step = view.channels.div_ceil(threads);
+    let step = view.channels.div_ceil(threads);
+    // Quantizes channel `c` into `codes`, returning its scale.
+    let channel = |c: usize, data: &mut Vec<f32>, codes: &mut [i8]| {
+        data.clear();
+        for o in 0..view.outer {
+            values.read_finite(view.index(o, c, 0), view.inner, data);
+        }
+        let scale = best_scale(data, max);
+        codes_into(data, scale, max, codes);
+        scale
+    };
+    if view.outer == 1 {
+        // Each channel is one contiguous run of the output: threads fill disjoint parts.
+        let run = |first: usize, scales: &mut [f32], out: &mut [i8]| {
+            let mut data = Vec::with_capacity(view.inner);
+            for (k, (scale, codes)) in scales
+                .iter_mut()
+                .zip(out.chunks_mut(view.inner))
+                .enumerate()
+            {
+                *scale = channel(first + k, &mut data, codes);
+            }
+        };
         std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..view.channels)
-                .step_by(step)
-                .map(|first| {
-                    let channel = &channel;
-                    scope.spawn(move || {
-                        (first..(first + step).min(view.channels))
-                            .map(channel)
-                            .collect::<Vec<_>>()
-                    })
+            for (i, (scales, out)) in scales
+                .chunks_mut(step)
+                .zip(out.chunks_mut(step * view.inner))
+                .enumerate()
+            {
+                let run = &run;
+                if i + 1 == threads {
+                    run(i * step, scales, out);
+                } else {
+                    scope.spawn(move || run(i * step, scales, out));
+                }
+            }
+        });
+    } else {
+        // Strided channels: each thread quantizes its channels apart, then they are
+        // scattered into place.
+        let run = |first: usize, scales: &mut [f32]| {
+            let mut data = Vec::with_capacity(view.outer * view.inner);
+            let mut codes = vec![0i8; view.outer * view.inner];
+            let mut all = Vec::with_capacity(scales.len() * codes.len());
+            for (k, scale) in scales.iter_mut().enumerate() {
+                *scale = channel(first + k, &mut data, &mut codes);
+                all.extend_from_slice(&codes);
+            }
+            all
+        };
+        let parts: Vec<Vec<i8>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = scales
+                .chunks_mut(step)
+                .enumerate()
+                .map(|(i, scales)| {
+                    let run = &run;
+                    scope.spawn(move || run(i * step, scales))
                 })
                 .collect();
             workers
                 .into_iter()
-                .flat_map(|w| w.join().expect("quantizer thread"))
+                .map(|w| w.join().expect("quantizer thread"))
                 .collect()
-        })
-    };
-    let mut scales = Vec::with_capacity(view.channels);
-    let mut out = vec![0i8; values.len()];
-    for (c, (scale, q)) in per_channel.into_iter().enumerate() {
-        for (o, part) in q.chunks(view.inner.max(1)).enumerate().take(view.outer) {
-            let start = view.index(o, c, 0);
-            out[start..start + view.inner].copy_from_slice(part);
+        });
+        let per_channel = view.outer * view.inner;
+        for (c, codes) in parts.iter().flat_map(|p| p.chunks(per_channel)).enumerate() {
+            for (o, part) in codes.chunks(view.inner).enumerate() {
+                let start = view.index(o, c, 0);
+                out[start..start + view.inner].copy_from_slice(part);
+            }
         }
-        scales.push(scale);
     }
     (scales, out)
 }
@@ -376,13 +462,69 @@ mod tests {
         let values: Vec<f32> = (0..64)
             .map(|i| if i < 32 { i as f32 * 0.001 } else { i as f32 })
             .collect();
-        let (scales, q) = quantize_per_channel(&values, ChannelView::new(&[2, 32], 0), INT8_MAX);
+        let (scales, q) =
+            quantize_per_channel(&values[..], ChannelView::new(&[2, 32], 0), INT8_MAX);
         assert_eq!(scales.len(), 2);
         assert!(scales[1] / scales[0] > 500.0, "{scales:?}");
         for (i, (&v, &c)) in values.iter().zip(&q).enumerate() {
             let back = c as f32 * scales[i / 32];
             assert!((back - v).abs() <= scales[i / 32], "{i}: {v} vs {back}");
         }
+    }
+
+    #[test]
+    fn threaded_contiguous_and_strided_channels_match_one_channel_at_a_time() {
+        // Over `PARALLEL_ELEMENTS`, so channels are spread over threads; a NaN and an
+        // infinity quantize as 0 and do not set their channel's scale.
+        let dims = [3, 700, 500];
+        let mut values: Vec<f32> = (0..dims.iter().product::<usize>())
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * (1.0 + (i % 700) as f32 / 100.0))
+            .collect();
+        values[12] = f32::NAN;
+        values[5000] = f32::INFINITY;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for axis in 0..3 {
+            let view = ChannelView::new(&dims, axis);
+            let (scales, q) = quantize_per_channel(&values[..], view, INT8_MAX);
+            assert_eq!(
+                (scales.clone(), q.clone()),
+                quantize_per_channel(&LeF32(&bytes), view, INT8_MAX),
+                "axis {axis}"
+            );
+            for (c, &got) in scales.iter().enumerate() {
+                let mut data = Vec::new();
+                for o in 0..view.outer {
+                    values[..].read_finite(view.index(o, c, 0), view.inner, &mut data);
+                }
+                let scale = best_scale(&data, INT8_MAX);
+                assert_eq!(got, scale, "axis {axis} channel {c}");
+                let mut codes = vec![0i8; data.len()];
+                codes_into(&data, scale, INT8_MAX, &mut codes);
+                for o in 0..view.outer {
+                    let start = view.index(o, c, 0);
+                    let part = &codes[o * view.inner..(o + 1) * view.inner];
+                    assert_eq!(
+                        &q[start..start + view.inner],
+                        part,
+                        "axis {axis} channel {c}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            quantize_per_channel(&values[..], ChannelView::new(&dims, 0), INT8_MAX).1[12],
+            0
+        );
+    }
+
+    #[test]
+    fn codes_round_to_nearest_even_and_saturate() {
+        let values = [
+            0.0, 0.5, 1.5, -0.5, -1.5, -2.5, 126.6, 200.0, -200.0, -0.2, 3.49,
+        ];
+        let mut q = [0i8; 11];
+        codes_into(&values, 1.0, INT8_MAX, &mut q);
+        assert_eq!(q, [0, 0, 2, 0, -2, -2, 127, 127, -127, 0, 3]);
     }
 
     #[test]

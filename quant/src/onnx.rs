@@ -234,8 +234,14 @@ fn element_count(t: &TensorProto) -> Result<usize> {
         })
 }
 
-/// The float values of a FLOAT tensor, from `raw_data` or `float_data`.
-fn float_values(t: &TensorProto) -> Result<Vec<f32>> {
+/// Where a FLOAT tensor keeps its values.
+enum FloatData<'a> {
+    Raw(num::LeF32<'a>),
+    Values(&'a [f32]),
+}
+
+/// The values of a FLOAT tensor, in `raw_data` or `float_data`, checked against its dims.
+fn float_data(t: &TensorProto) -> Result<FloatData<'_>> {
     let n = element_count(t)?;
     let name = t.name.as_deref().unwrap_or("");
     match &t.raw_data {
@@ -248,7 +254,7 @@ fn float_values(t: &TensorProto) -> Result<Vec<f32>> {
                     n * 4
                 )));
             }
-            Ok(num::f32_values(raw))
+            Ok(FloatData::Raw(num::LeF32(raw)))
         }
         _ => {
             if t.float_data.len() != n {
@@ -258,9 +264,17 @@ fn float_values(t: &TensorProto) -> Result<Vec<f32>> {
                     t.dims
                 )));
             }
-            Ok(t.float_data.clone())
+            Ok(FloatData::Values(&t.float_data))
         }
     }
+}
+
+/// The float values of a FLOAT tensor.
+fn float_values(t: &TensorProto) -> Result<Vec<f32>> {
+    Ok(match float_data(t)? {
+        FloatData::Raw(raw) => num::f32_values(raw.0),
+        FloatData::Values(values) => values.to_vec(),
+    })
 }
 
 /// How a weight is consumed: which axis holds its output channels.
@@ -442,13 +456,14 @@ impl Plan {
                 else {
                     return Ok(None);
                 };
-                let values = float_values(t)?;
                 let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-                let (scales, codes) = num::quantize_per_channel(
-                    &values,
-                    num::ChannelView::new(&dims, usage.axis),
-                    num::INT8_MAX,
-                );
+                let view = num::ChannelView::new(&dims, usage.axis);
+                let (scales, codes) = match float_data(t)? {
+                    FloatData::Raw(raw) => num::quantize_per_channel(&raw, view, num::INT8_MAX),
+                    FloatData::Values(values) => {
+                        num::quantize_per_channel(values, view, num::INT8_MAX)
+                    }
+                };
                 let channels = dims[usage.axis] as i64;
                 let q_name = format!("{name}_quantized");
                 let s_name = format!("{name}_scale");

@@ -324,14 +324,15 @@ pub fn transform<R: Read + Seek, W: Write>(
             Conversion::Keep => put(&mut output, &data)?,
             Conversion::Float(dtype) => put(&mut output, &encode(dtype, &decode(&t.dtype, &data)))?,
             Conversion::Int8 => {
-                let values = decode(&t.dtype, &data);
-                drop(data);
                 let dims = [t.shape[0] as usize, t.shape[1] as usize];
-                let (scales, codes) = num::quantize_per_channel(
-                    &values,
-                    num::ChannelView::new(&dims, 0),
-                    num::INT8_MAX,
-                );
+                let view = num::ChannelView::new(&dims, 0);
+                let (scales, codes) = if t.dtype == "F32" {
+                    num::quantize_per_channel(&num::LeF32(&data), view, num::INT8_MAX)
+                } else {
+                    let values = decode(&t.dtype, &data);
+                    drop(data);
+                    num::quantize_per_channel(&values[..], view, num::INT8_MAX)
+                };
                 let codes: Vec<u8> = codes.into_iter().map(|c| c as u8).collect();
                 put(&mut output, &codes)?;
                 put(&mut output, &encode(&t.dtype, &scales))?;
