@@ -17,6 +17,7 @@ pub mod origin;
 pub mod registry;
 pub mod service;
 pub mod variants;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -123,9 +124,8 @@ impl Node {
             .register_encoded_file_descriptor_set(modelcache_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| Error::Config(format!("reflection: {e}")))?;
-        let service = ModelCacheServer::new(NodeService::new(self.registry.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let service =
+            wire::ModelCacheService::new(NodeService::new(self.registry.clone()), MAX_MESSAGE_SIZE);
         tracing::info!(%addr, origin = self.registry.origin().display(), "cache-node serving");
         let result = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)

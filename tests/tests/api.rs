@@ -321,3 +321,72 @@ async fn cold_fetch_streams_before_the_object_is_read() {
     }
     assert_eq!(chunks, 10);
 }
+
+/// `tests/py/grpc_fetch.py` (grpcio and protobuf classes generated from cache.proto) run
+/// against `node`: the parsed JSON it prints.
+async fn fetch_with_grpcio(node: &TestNode, reference: &str) -> serde_json::Value {
+    let target = node.url.trim_start_matches("http://").to_owned();
+    let reference = reference.to_owned();
+    let (stdout, status) = tokio::task::spawn_blocking(move || {
+        let proto = workspace().join("proto");
+        run_python(
+            "grpc_fetch.py",
+            &[proto.as_os_str(), target.as_ref(), reference.as_ref()],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "grpc_fetch.py failed: {stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_grpc_client_fetches_byte_identical_and_gets_errors() {
+    let s3 = S3Server::start().await;
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(61, 5 * MIB + 3)),
+        ("config.json".into(), b"{\"a\": 1}".to_vec()),
+    ];
+    seed(&s3, "resnet50", &files).await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = TestNode::start(node_config(&s3, cache.path())).await;
+
+    // Cold (the node reads the origin while it streams), then warm from the memory tier.
+    for _ in 0..2 {
+        let got = fetch_with_grpcio(&node, "resnet50").await;
+        assert_eq!(got["code"], "OK", "{got}");
+        assert_eq!(
+            got["manifest"],
+            serde_json::json!(["config.json", "model.onnx"])
+        );
+        assert_eq!(got["chunks"], 4, "{got}");
+        for (path, bytes) in &files {
+            assert_eq!(got["files"][path]["size"], bytes.len(), "{path}: {got}");
+            assert_eq!(got["files"][path]["sha256"], sha256(bytes), "{path}");
+        }
+    }
+
+    // An error before the first message: a trailers-only response.
+    let got = fetch_with_grpcio(&node, "nosuch").await;
+    assert_eq!(got["code"], "NOT_FOUND", "{got}");
+    assert!(got["details"].as_str().unwrap().contains("nosuch"), "{got}");
+    let got = fetch_with_grpcio(&node, "Bad Name!").await;
+    assert_eq!(got["code"], "INVALID_ARGUMENT", "{got}");
+
+    // An error after the manifest went out: the status arrives in the trailers.
+    seed(
+        &s3,
+        "other",
+        &vec![("model.onnx".into(), data(62, 3 * MIB))],
+    )
+    .await;
+    s3.tap.cut_after.store(1000, Ordering::SeqCst);
+    let got = fetch_with_grpcio(&node, "other").await;
+    assert_eq!(got["code"], "UNAVAILABLE", "{got}");
+    assert!(
+        got["details"].as_str().unwrap().contains("cut short"),
+        "{got}"
+    );
+    assert_eq!(got["manifest"], serde_json::json!(["model.onnx"]), "{got}");
+    assert_eq!(got["chunks"], 0, "{got}");
+}

@@ -1,0 +1,285 @@
+//! The `Fetch` stream framed by hand, so that chunk bytes reach HTTP/2 without a copy.
+//!
+//! tonic's encoder writes every message into its own buffer: for a 2 MiB chunk, a fresh
+//! 2 MiB allocation (page faults) and a copy of every byte, on the path every cached byte
+//! takes. Here each chunk message goes out as two pieces: a small head (the gRPC frame
+//! header, the message's other fields, and the key and length of `data`) and the chunk's
+//! `Bytes` as they came from the cache; h2 sends large payloads without copying them.
+//! The bytes on the wire are one standard gRPC message per `FetchResponse` (protobuf
+//! fields may come in any order, and `data` comes last). Request decoding, errors and
+//! every other method stay with tonic.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt, future::BoxFuture, stream};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use modelcache_proto::v1::model_cache_server::{ModelCache, ModelCacheServer};
+use modelcache_proto::v1::{FetchRequest, FetchResponse, fetch_response};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::{Code, Request, Status};
+
+use crate::service::NodeService;
+
+/// The path tonic routes `ModelCache.Fetch` by.
+const FETCH_PATH: &str = "/modelcache.v1.ModelCache/Fetch";
+/// `FetchResponse.chunk` and `Chunk.data` (cache.proto).
+const CHUNK_FIELD: u32 = 2;
+const DATA_FIELD: u32 = 3;
+/// A gRPC message's frame header: compressed flag, then the length (big-endian u32).
+const FRAME_HEADER: usize = 5;
+/// Largest `FetchRequest` accepted (a reference, a revision, a path and an offset).
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// The `ModelCache` service with `Fetch` answered by [`fetch`] and everything else by the
+/// tonic-generated server.
+#[derive(Clone)]
+pub struct ModelCacheService {
+    grpc: ModelCacheServer<NodeService>,
+    node: Arc<NodeService>,
+}
+
+impl ModelCacheService {
+    pub fn new(node: NodeService, max_message_size: usize) -> Self {
+        let node = Arc::new(node);
+        let grpc = ModelCacheServer::from_arc(node.clone())
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size);
+        Self { grpc, node }
+    }
+}
+
+impl NamedService for ModelCacheService {
+    const NAME: &'static str = <ModelCacheServer<NodeService> as NamedService>::NAME;
+}
+
+impl tower_service::Service<http::Request<Body>> for ModelCacheService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower_service::Service::<http::Request<Body>>::poll_ready(&mut self.grpc, cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != FETCH_PATH {
+            return self.grpc.call(request);
+        }
+        let node = self.node.clone();
+        Box::pin(async move {
+            Ok(fetch(&node, request)
+                .await
+                .unwrap_or_else(|status| status.into_http()))
+        })
+    }
+}
+
+/// Answers one `Fetch` call: decodes the request, runs the service's `fetch`, and frames
+/// its stream (an error before the first message is a trailers-only response, as tonic
+/// sends it; one mid-stream ends the stream with that status in the trailers).
+async fn fetch(
+    node: &NodeService,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, Status> {
+    let compressed = request
+        .headers()
+        .get("grpc-encoding")
+        .is_some_and(|e| e.as_bytes() != b"identity");
+    if compressed {
+        return Err(Status::unimplemented(
+            "compressed requests are not supported by this node",
+        ));
+    }
+    let body = Limited::new(request.into_body(), MAX_REQUEST)
+        .collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("reading the Fetch request: {e}")))?
+        .to_bytes();
+    let message = request_message(&body)?;
+    let request = FetchRequest::decode(message)
+        .map_err(|e| Status::internal(format!("decoding the Fetch request: {e}")))?;
+    let messages = node.fetch(Request::new(request)).await?.into_inner();
+    // Data frames of each message, then trailers: `grpc-status` 0 after the last message,
+    // or the status of the error that ended the stream.
+    let frames = messages
+        .map_ok(|m| stream::iter(encode(m).map(|b| Ok(Frame::data(b)))))
+        .try_flatten()
+        .chain(stream::once(async { Err(Status::new(Code::Ok, "")) }))
+        .scan(false, |ended, item| {
+            let frame = match item {
+                _ if *ended => None,
+                Ok(frame) => Some(frame),
+                Err(status) => {
+                    *ended = true;
+                    Some(Frame::trailers(trailers(&status)))
+                }
+            };
+            std::future::ready(frame.map(Ok::<_, Infallible>))
+        });
+    let mut response = http::Response::new(Body::new(StreamBody::new(frames)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Ok(response)
+}
+
+/// The message of a request body holding one uncompressed gRPC message.
+fn request_message(body: &[u8]) -> Result<&[u8], Status> {
+    let Some((header, message)) = body.split_first_chunk::<FRAME_HEADER>() else {
+        return Err(Status::internal(
+            "Fetch request shorter than a gRPC frame header",
+        ));
+    };
+    if header[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not supported by this node",
+        ));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len != message.len() {
+        return Err(Status::internal(format!(
+            "Fetch request frame says {len} bytes but carries {}",
+            message.len()
+        )));
+    }
+    Ok(message)
+}
+
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    if let Err(e) = status.add_header(&mut headers) {
+        tracing::warn!("status {:?} not sendable as headers: {e}", status.code());
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(Code::Internal as i32),
+        );
+    }
+    headers
+}
+
+/// One `FetchResponse` as a gRPC message: a chunk as a head and its data, untouched;
+/// anything else (the manifest) encoded whole.
+fn encode(message: FetchResponse) -> impl Iterator<Item = Bytes> {
+    let (head, data) = match message.item {
+        Some(fetch_response::Item::Chunk(mut chunk)) => {
+            let data = std::mem::take(&mut chunk.data);
+            let data_field = key_len(DATA_FIELD) + encoded_len_varint(data.len() as u64);
+            let chunk_len = chunk.encoded_len() + data_field + data.len();
+            let message_len =
+                key_len(CHUNK_FIELD) + encoded_len_varint(chunk_len as u64) + chunk_len;
+            let mut head = BytesMut::with_capacity(FRAME_HEADER + message_len - data.len());
+            frame_header(&mut head, message_len);
+            encode_key(CHUNK_FIELD, WireType::LengthDelimited, &mut head);
+            encode_varint(chunk_len as u64, &mut head);
+            chunk
+                .encode(&mut head)
+                .expect("the head was sized for the chunk's fields");
+            encode_key(DATA_FIELD, WireType::LengthDelimited, &mut head);
+            encode_varint(data.len() as u64, &mut head);
+            (head.freeze(), Some(data))
+        }
+        item => {
+            let message = FetchResponse { item };
+            let mut head = BytesMut::with_capacity(FRAME_HEADER + message.encoded_len());
+            frame_header(&mut head, message.encoded_len());
+            message
+                .encode(&mut head)
+                .expect("the buffer was sized for the message");
+            (head.freeze(), None)
+        }
+    };
+    std::iter::once(head).chain(data.filter(|d| !d.is_empty()))
+}
+
+fn frame_header(buf: &mut BytesMut, message_len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(message_len).expect("chunks are far below 4 GiB"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelcache_proto::v1::{Chunk, Manifest};
+
+    fn framed(message: FetchResponse) -> Bytes {
+        let mut out = BytesMut::new();
+        for piece in encode(message) {
+            out.extend_from_slice(&piece);
+        }
+        out.freeze()
+    }
+
+    #[test]
+    fn messages_decode_as_what_was_sent() {
+        let chunk = FetchResponse {
+            item: Some(fetch_response::Item::Chunk(Chunk {
+                file_index: 3,
+                offset: 7 << 21,
+                data: Bytes::from((0..300_000u32).map(|i| i as u8).collect::<Vec<u8>>()),
+                blake3: vec![9; 32],
+            })),
+        };
+        let empty = FetchResponse {
+            item: Some(fetch_response::Item::Chunk(Chunk {
+                file_index: 0,
+                offset: 0,
+                data: Bytes::new(),
+                blake3: vec![1; 32],
+            })),
+        };
+        let manifest = FetchResponse {
+            item: Some(fetch_response::Item::Manifest(Manifest {
+                name: "resnet50".into(),
+                revision: "r1".into(),
+                ..Default::default()
+            })),
+        };
+        for message in [chunk, empty, manifest] {
+            let bytes = framed(message.clone());
+            let body = request_message(&bytes).expect("one whole frame");
+            assert_eq!(FetchResponse::decode(body).expect("decodes"), message);
+        }
+    }
+
+    #[test]
+    fn chunk_data_is_sent_as_it_came() {
+        let data = Bytes::from(vec![5u8; 1 << 21]);
+        let message = FetchResponse {
+            item: Some(fetch_response::Item::Chunk(Chunk {
+                file_index: 0,
+                offset: 0,
+                data: data.clone(),
+                blake3: vec![0; 32],
+            })),
+        };
+        let pieces: Vec<Bytes> = encode(message).collect();
+        assert_eq!(pieces.len(), 2);
+        assert!(pieces[0].len() < 64, "head: {} bytes", pieces[0].len());
+        assert_eq!(pieces[1].as_ptr(), data.as_ptr(), "the data was copied");
+    }
+
+    #[test]
+    fn malformed_request_frames_are_refused() {
+        assert_eq!(
+            request_message(&[0, 0, 0]).unwrap_err().code(),
+            Code::Internal
+        );
+        assert_eq!(
+            request_message(&[1, 0, 0, 0, 0]).unwrap_err().code(),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            request_message(&[0, 0, 0, 0, 9, 1]).unwrap_err().code(),
+            Code::Internal
+        );
+        assert_eq!(request_message(&[0, 0, 0, 0, 1, 42]).unwrap(), &[42]);
+    }
+}
