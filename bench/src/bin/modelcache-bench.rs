@@ -38,6 +38,19 @@ struct Opts {
 /// memory (T7), variants (T9, T10, V1, V2).
 const GROUPS: [&str; 5] = ["cold", "warm", "many", "memory", "variants"];
 
+const USAGE: &str =
+    "usage: modelcache-bench [OPTIONS]   (scripts/bench installs the references first)
+
+  --only GROUP,...     run some groups: cold (T4, T5), warm (T1-T3, T8), many (T6),
+                       memory (T7), variants (T9, T10, V1, V2); default all
+  --variants-only      same as --only variants
+  --single-mib N       size of the single-file model [1024]
+  --multi-mib N        size of the multi-file model [2048]
+  --work DIR           scratch directory [target/bench-work]
+  --bin DIR            cache-node, cache-agent, modelcache-quantize [target/release]
+  --venv-bin DIR       s5cmd and aws [target/bench-venv/bin]
+  --python PATH        the Python with onnxruntime [target/py-venv/bin/python]";
+
 impl Opts {
     fn runs(&self, group: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|g| g == group)
@@ -74,7 +87,11 @@ fn parse_opts() -> Result<Opts> {
                     );
                 }
             }
-            other => bail!("unknown argument {other}; see scripts/bench"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
     opts.work = std::path::absolute(&opts.work)?;
