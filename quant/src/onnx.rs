@@ -708,6 +708,18 @@ impl Model {
         provenance: &Provenance,
         read_external: &mut ExternalReader<'_>,
     ) -> Result<Output> {
+        transform_model(self.proto, variant, || provenance.clone(), read_external)
+    }
+
+    /// Like [`Model::transform`], with the provenance asked for only once the weights are
+    /// quantized, just before the model is encoded: the source's digest can be computed
+    /// meanwhile.
+    pub fn transform_then(
+        self,
+        variant: Variant,
+        read_external: &mut ExternalReader<'_>,
+        provenance: impl FnOnce() -> Provenance,
+    ) -> Result<Output> {
         transform_model(self.proto, variant, provenance, read_external)
     }
 }
@@ -715,7 +727,7 @@ impl Model {
 fn transform_model(
     mut model: ModelProto,
     variant: Variant,
-    provenance: &Provenance,
+    provenance: impl FnOnce() -> Provenance,
     read_external: &mut ExternalReader<'_>,
 ) -> Result<Output> {
     let mut opset = default_opset(&model)?;
@@ -777,7 +789,7 @@ fn transform_model(
             .as_deref()
             .is_some_and(|k| k.starts_with("modelcache."))
     });
-    for (k, v) in provenance.pairs() {
+    for (k, v) in provenance().pairs() {
         model.metadata_props.push(StringStringEntryProto {
             key: Some(k),
             value: Some(v),

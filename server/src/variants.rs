@@ -364,14 +364,15 @@ impl Registry {
                 continue;
             };
             let path = original.files[i].origin.path.clone();
-            let prov = |sha: &str| Provenance {
+            let prov = move |sha: &str| Provenance {
                 source_sha256: sha.to_owned(),
                 variant,
                 format,
             };
             match format {
                 Format::Onnx => {
-                    let (bytes, sha) = self.read_whole(&original, i).await?;
+                    let bytes = self.read_whole(&original, i).await?;
+                    let source = bytes.clone();
                     let dir = folder(&path).to_owned();
                     let model = tokio::task::spawn_blocking(move || {
                         modelcache_quant::onnx::Model::decode(bytes)
@@ -391,15 +392,50 @@ impl Registry {
                                 )),
                             )
                         })?;
-                        let (data, _) = self.read_whole(&original, index).await?;
+                        let data = self.read_whole(&original, index).await?;
                         external.insert(location.clone(), data);
                         replaced.insert(index);
                     }
-                    let p = prov(&sha);
-                    let out = tokio::task::spawn_blocking(move || {
-                        model.transform(variant, &p, &mut |loc| {
-                            external.get(loc).cloned().ok_or_else(|| {
-                                QuantError::invalid(format!("external data {loc} was not read"))
+                    let rev = original.clone();
+                    let (out, sha) = tokio::task::spawn_blocking(move || {
+                        std::thread::scope(|scope| {
+                            // The source's SHA-256 (for the provenance, asked for last) on
+                            // a second thread while the weights are quantized, unless the
+                            // revision's background digest is already computing it.
+                            let record = &rev.files[i];
+                            let hashing = (record.sha256.get().is_none()
+                                && !rev.finishing.load(std::sync::atomic::Ordering::Acquire))
+                            .then(|| scope.spawn(|| sha256_hex(&source)));
+                            let mut sha = None;
+                            let out = model.transform_then(
+                                variant,
+                                &mut |loc| {
+                                    external.get(loc).cloned().ok_or_else(|| {
+                                        QuantError::invalid(format!(
+                                            "external data {loc} was not read"
+                                        ))
+                                    })
+                                },
+                                || {
+                                    let digest = match hashing {
+                                        Some(h) => {
+                                            let digest = h
+                                                .join()
+                                                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                                            // The background digest need not do it again.
+                                            let _ = record.sha256.set(digest.clone());
+                                            digest
+                                        }
+                                        None => source_sha256(&rev, i, &source),
+                                    };
+                                    let p = prov(&digest);
+                                    sha = Some(digest);
+                                    p
+                                },
+                            );
+                            out.map(|out| {
+                                let sha = sha.expect("the provenance is asked for before encoding");
+                                (out, sha)
                             })
                         })
                     })
@@ -451,7 +487,11 @@ impl Registry {
                 continue;
             }
             let path = original.files[i].origin.path.clone();
-            let (bytes, sha) = self.read_whole(&original, i).await?;
+            let bytes = self.read_whole(&original, i).await?;
+            let sha = match original.files[i].sha256.get() {
+                Some(sha) => sha.clone(),
+                None => sha256_hex(&bytes),
+            };
             let rewritten = if *action == Action::Config {
                 let refs: Vec<_> = layouts.iter().map(|(_, l)| l).collect();
                 modelcache_quant::safetensors::rewrite_config(&bytes, &refs)
@@ -505,26 +545,14 @@ impl Registry {
         Ok(rev)
     }
 
-    /// A whole file of `rev` read through the tiers, with its SHA-256.
-    async fn read_whole(
-        self: &Arc<Self>,
-        rev: &Arc<Revision>,
-        file: usize,
-    ) -> Result<(Bytes, String)> {
-        let record = &rev.files[file];
-        let mut buf = BytesMut::with_capacity(record.origin.size as usize);
-        // The original's SHA-256 is often known already (computed once per revision).
-        let known = record.sha256.get().cloned();
-        let mut hasher = known.is_none().then(sha2::Sha256::new);
+    /// A whole file of `rev` read through the tiers.
+    async fn read_whole(self: &Arc<Self>, rev: &Arc<Revision>, file: usize) -> Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(rev.files[file].origin.size as usize);
         let mut chunks = self.file_chunks(rev, file);
         while let Some(data) = chunks.try_next().await? {
-            if let Some(h) = hasher.as_mut() {
-                h.update(&data);
-            }
             buf.extend_from_slice(&data);
         }
-        let sha = known.unwrap_or_else(|| hex::encode(hasher.expect("hashing").finalize()));
-        Ok((buf.freeze(), sha))
+        Ok(buf.freeze())
     }
 
     /// A whole file of `rev` written to `path` through the tiers; returns its SHA-256.
@@ -633,5 +661,24 @@ impl Registry {
         }
         debug_assert_eq!(record.keys.len() as u64, size.div_ceil(CHUNK_SIZE));
         Ok(record)
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The SHA-256 of file `file` of the original `rev`, whose bytes are `bytes` (blocking):
+/// while the revision's background digest runs, its result is awaited rather than computed
+/// twice; otherwise it is computed here.
+fn source_sha256(rev: &Revision, file: usize, bytes: &[u8]) -> String {
+    loop {
+        if let Some(sha) = rev.files[file].sha256.get() {
+            return sha.clone();
+        }
+        if !rev.finishing.load(std::sync::atomic::Ordering::Acquire) {
+            return sha256_hex(bytes);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
