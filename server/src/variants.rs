@@ -582,7 +582,12 @@ impl Registry {
         let (mut w, h) = state;
         w.flush()
             .map_err(|e| Error::io("writing a build input", e))?;
-        Ok(known.unwrap_or_else(|| hex::encode(h.expect("hashing").finalize())))
+        Ok(known.unwrap_or_else(|| {
+            let sha = hex::encode(h.expect("hashing").finalize());
+            // The revision's background digest need not read the file again.
+            let _ = rev.files[file].sha256.set(sha.clone());
+            sha
+        }))
     }
 
     fn file_chunks<'a>(
