@@ -398,46 +398,7 @@ impl Registry {
                     }
                     let rev = original.clone();
                     let (out, sha) = tokio::task::spawn_blocking(move || {
-                        std::thread::scope(|scope| {
-                            // The source's SHA-256 (for the provenance, asked for last) on
-                            // a second thread while the weights are quantized, unless the
-                            // revision's background digest is already computing it.
-                            let record = &rev.files[i];
-                            let hashing = (record.sha256.get().is_none()
-                                && !rev.finishing.load(std::sync::atomic::Ordering::Acquire))
-                            .then(|| scope.spawn(|| sha256_hex(&source)));
-                            let mut sha = None;
-                            let out = model.transform_then(
-                                variant,
-                                &mut |loc| {
-                                    external.get(loc).cloned().ok_or_else(|| {
-                                        QuantError::invalid(format!(
-                                            "external data {loc} was not read"
-                                        ))
-                                    })
-                                },
-                                || {
-                                    let digest = match hashing {
-                                        Some(h) => {
-                                            let digest = h
-                                                .join()
-                                                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                                            // The background digest need not do it again.
-                                            let _ = record.sha256.set(digest.clone());
-                                            digest
-                                        }
-                                        None => source_sha256(&rev, i, &source),
-                                    };
-                                    let p = prov(&digest);
-                                    sha = Some(digest);
-                                    p
-                                },
-                            );
-                            out.map(|out| {
-                                let sha = sha.expect("the provenance is asked for before encoding");
-                                (out, sha)
-                            })
-                        })
+                        transform_onnx(model, variant, &external, &rev, i, &source, prov)
                     })
                     .await
                     .map_err(|e| Error::Cache(e.to_string()))?
@@ -488,10 +449,7 @@ impl Registry {
             }
             let path = original.files[i].origin.path.clone();
             let bytes = self.read_whole(&original, i).await?;
-            let sha = match original.files[i].sha256.get() {
-                Some(sha) => sha.clone(),
-                None => sha256_hex(&bytes),
-            };
+            let sha = known_or_hashed(&original, i, &bytes);
             let rewritten = if *action == Action::Config {
                 let refs: Vec<_> = layouts.iter().map(|(_, l)| l).collect();
                 modelcache_quant::safetensors::rewrite_config(&bytes, &refs)
@@ -669,21 +627,80 @@ impl Registry {
     }
 }
 
+/// Builds `variant` of `model`, the ONNX file `file` of the original `rev` (whose bytes
+/// are `source`), and finds the source's SHA-256 for the provenance meanwhile. The
+/// provenance is asked for last, once the weights are quantized, so the digest is computed
+/// on a second thread during the quantization — unless it is known already or the
+/// revision's background digest is computing it. Returns the output and the digest.
+fn transform_onnx(
+    model: modelcache_quant::onnx::Model,
+    variant: Variant,
+    external: &HashMap<String, Bytes>,
+    rev: &Revision,
+    file: usize,
+    source: &[u8],
+    provenance: impl Fn(&str) -> Provenance,
+) -> std::result::Result<(modelcache_quant::onnx::Output, String), QuantError> {
+    std::thread::scope(|scope| {
+        let hashing = (rev.files[file].sha256.get().is_none() && !background_digest_running(rev))
+            .then(|| scope.spawn(|| known_or_hashed(rev, file, source)));
+        let mut sha = None;
+        let out = model.transform_then(
+            variant,
+            &mut |loc| {
+                external
+                    .get(loc)
+                    .cloned()
+                    .ok_or_else(|| QuantError::invalid(format!("external data {loc} was not read")))
+            },
+            || {
+                let digest = match hashing {
+                    Some(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                    None => source_sha256(rev, file, source),
+                };
+                let p = provenance(&digest);
+                sha = Some(digest);
+                p
+            },
+        )?;
+        Ok((
+            out,
+            sha.expect("the provenance is asked for before encoding"),
+        ))
+    })
+}
+
+fn background_digest_running(rev: &Revision) -> bool {
+    rev.finishing.load(std::sync::atomic::Ordering::Acquire)
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The SHA-256 of file `file` of `rev`, whose bytes are `bytes`: known already, or computed
+/// and recorded on the file, so that the revision's background digest need not read the
+/// file again.
+fn known_or_hashed(rev: &Revision, file: usize, bytes: &[u8]) -> String {
+    let record = &rev.files[file];
+    if let Some(sha) = record.sha256.get() {
+        return sha.clone();
+    }
+    // Hashed outside the cell, so that a concurrent `set` never waits on the hashing.
+    let sha = sha256_hex(bytes);
+    let _ = record.sha256.set(sha.clone());
+    sha
 }
 
 /// The SHA-256 of file `file` of the original `rev`, whose bytes are `bytes` (blocking):
 /// while the revision's background digest runs, its result is awaited rather than computed
 /// twice; otherwise it is computed here.
 fn source_sha256(rev: &Revision, file: usize, bytes: &[u8]) -> String {
-    loop {
+    while background_digest_running(rev) {
         if let Some(sha) = rev.files[file].sha256.get() {
             return sha.clone();
         }
-        if !rev.finishing.load(std::sync::atomic::Ordering::Acquire) {
-            return sha256_hex(bytes);
-        }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    known_or_hashed(rev, file, bytes)
 }

@@ -93,9 +93,7 @@ async fn fetch(
         .get("grpc-encoding")
         .is_some_and(|e| e.as_bytes() != b"identity");
     if compressed {
-        return Err(Status::unimplemented(
-            "compressed requests are not supported by this node",
-        ));
+        return Err(compressed_request());
     }
     let body = Limited::new(request.into_body(), MAX_REQUEST)
         .collect()
@@ -139,9 +137,7 @@ fn request_message(body: &[u8]) -> Result<&[u8], Status> {
         ));
     };
     if header[0] != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not supported by this node",
-        ));
+        return Err(compressed_request());
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     if len != message.len() {
@@ -151,6 +147,12 @@ fn request_message(body: &[u8]) -> Result<&[u8], Status> {
         )));
     }
     Ok(message)
+}
+
+fn compressed_request() -> Status {
+    Status::unimplemented(
+        "compressed Fetch requests are not supported by this node; send them uncompressed",
+    )
 }
 
 fn trailers(status: &Status) -> http::HeaderMap {
