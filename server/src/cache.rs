@@ -20,20 +20,42 @@ use foyer::{
 use crate::error::{Error, Result};
 use modelcache_proto::CHUNK_SIZE;
 
-/// Size of a foyer disk block: the largest entry it stores and the unit it evicts.
-/// Tiers too small for 64 such blocks use smaller ones, down to `MIN_BLOCK_SIZE`.
-const DISK_BLOCK_SIZE: usize = 8 * CHUNK_SIZE as usize;
-const MIN_BLOCK_SIZE: usize = 2 * CHUNK_SIZE as usize;
+/// Room one chunk takes in a foyer disk block: its bytes, plus a 4 KiB page for the entry
+/// header, key and digest (entries are page-aligned) and one for the index of the blob it
+/// was flushed in. Blocks are whole multiples of it, so a block holds exactly its chunks; a
+/// power-of-two block would hold one chunk fewer (a 4 MiB block held one 2 MiB chunk).
+const CHUNK_ROOM: usize = CHUNK_SIZE as usize + 2 * 4096;
+/// Chunks in a foyer disk block: the largest entry it stores and the unit it evicts.
+/// Tiers too small for `TARGET_DISK_BLOCKS` such blocks use smaller ones, down to
+/// `MIN_BLOCK_CHUNKS`.
+const BLOCK_CHUNKS: u64 = 8;
+/// Fewest chunks in a block: each flusher's buffer is a block, so it can take a second
+/// chunk while the first is being written, instead of dropping it.
+const MIN_BLOCK_CHUNKS: u64 = 2;
 /// Flush buffer shared by the flushers; a full buffer drops entries.
 const FLUSH_BUFFER_SIZE: usize = 64 * 1024 * 1024;
 /// Entries waiting to be flushed beyond which foyer drops new ones.
 const SUBMIT_QUEUE_THRESHOLD: usize = 192 * 1024 * 1024;
 const FLUSHERS: usize = 4;
-/// Smallest disk tier, in blocks: eviction works on whole blocks, and foyer wants many
-/// more blocks than flushers plus the clean blocks it keeps in reserve.
-const MIN_DISK_BLOCKS: u64 = 16;
+/// Smallest disk tier, in blocks: eviction works on whole blocks, and foyer wants at least
+/// twice as many blocks as flushers plus the clean blocks it keeps in reserve. (15 of the
+/// smallest blocks make 61 MiB, so a 64 MiB tier is allowed.)
+const MIN_DISK_BLOCKS: u64 = 15;
 /// Blocks a tier should have when it is large enough.
 const TARGET_DISK_BLOCKS: u64 = 64;
+/// Chunks each shard of the memory tier should hold at least: foyer splits the memory tier
+/// into shards by key hash and evicts within a shard, so a shard of a few chunks would
+/// evict while the tier as a whole still has room.
+const SHARD_CHUNKS: u64 = 16;
+const MAX_SHARDS: u64 = 8;
+
+/// The block size for a disk tier of `capacity` bytes, or `None` if the tier is too small.
+fn block_size(capacity: u64) -> Option<usize> {
+    let chunks = (capacity / TARGET_DISK_BLOCKS / CHUNK_ROOM as u64)
+        .clamp(MIN_BLOCK_CHUNKS, BLOCK_CHUNKS) as usize;
+    let size = chunks * CHUNK_ROOM;
+    (capacity >= MIN_DISK_BLOCKS * size as u64).then_some(size)
+}
 
 /// Identifies one chunk of one file version: BLAKE3 of the model, path, size, ETag, index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,20 +169,18 @@ pub struct ChunkCache {
 
 impl ChunkCache {
     pub async fn open(dir: &Path, memory_capacity: u64, disk_capacity: u64) -> Result<Self> {
-        let block_size = ((disk_capacity / TARGET_DISK_BLOCKS) as usize)
-            .clamp(MIN_BLOCK_SIZE, DISK_BLOCK_SIZE)
-            .next_power_of_two()
-            .min(DISK_BLOCK_SIZE);
-        let min = MIN_DISK_BLOCKS * MIN_BLOCK_SIZE as u64;
-        if disk_capacity < min {
+        let Some(block_size) = block_size(disk_capacity) else {
+            let min = MIN_DISK_BLOCKS * (MIN_BLOCK_CHUNKS * CHUNK_ROOM as u64);
             return Err(Error::Config(format!(
                 "disk tier at {} would hold {disk_capacity} bytes; it needs at least {} MiB",
                 dir.display(),
-                min >> 20
+                min.div_ceil(1 << 20)
             )));
-        }
-        // A small tier gets a flush buffer in proportion, so that buffered chunks always fit.
-        let buffer = FLUSH_BUFFER_SIZE.min(4 * block_size);
+        };
+        // A small tier gets a flush buffer in proportion: each flusher's share is one block
+        // at most, since a buffer larger than a block stalls foyer's flushers.
+        let buffer = FLUSH_BUFFER_SIZE.min(FLUSHERS * block_size);
+        let shards = (memory_capacity / (SHARD_CHUNKS * CHUNK_SIZE)).clamp(1, MAX_SHARDS);
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating cache dir {}", dir.display()), e))?;
         let device = FsDeviceBuilder::new(dir)
@@ -179,6 +199,7 @@ impl ChunkCache {
             // flushing the whole memory tier again at close would only duplicate them.
             .with_flush_on_close(false)
             .memory(memory_capacity as usize)
+            .with_shards(shards as usize)
             .with_eviction_config(LruConfig::default())
             .with_weighter(|_key: &ChunkKey, value: &ChunkValue| value.data.len() + 64)
             .storage()
@@ -250,8 +271,12 @@ impl ChunkCache {
     pub async fn persist(&self, keys: &[ChunkKey]) -> usize {
         let storage = self.hybrid.storage();
         let mut missing = keys.len();
-        for _round in 0..5 {
+        // Each round writes at least what the flushers' buffers hold, so go on while the
+        // rounds make progress; only chunks gone from memory too stop it.
+        let mut stalled = 0;
+        while missing > 0 && stalled < 3 {
             storage.wait().await;
+            let before = missing;
             missing = 0;
             for key in keys {
                 if storage.may_contains(key) {
@@ -262,9 +287,7 @@ impl ChunkCache {
                     storage.enqueue(entry.piece(), true);
                 }
             }
-            if missing == 0 {
-                break;
-            }
+            stalled = if missing < before { 0 } else { stalled + 1 };
         }
         missing
     }
@@ -391,5 +414,113 @@ mod tests {
             ChunkKey::new("ab", "original", "c", 1, "", 0),
             ChunkKey::new("a", "original", "bc", 1, "", 0)
         );
+    }
+
+    /// Stores chunks the way a variant build does (insert a batch, wait for the disk) into
+    /// a small tier, three quarters full: every chunk must end up on disk, readable with the
+    /// memory tier cleared, even though the flush queue drops entries under such bursts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_tier_keeps_every_stored_chunk_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 64 << 20, 256 << 20)
+            .await
+            .unwrap();
+        let chunks = (256 << 20) * 3 / 4 / CHUNK_SIZE;
+        let key = |i: u64| ChunkKey::new("m", "fp16", "w.bin", chunks * CHUNK_SIZE, "e", i);
+        let data = |i: u64| Bytes::from(vec![i as u8; CHUNK_SIZE as usize]);
+        let mut batch = Vec::new();
+        for i in 0..chunks {
+            cache.insert(key(i), ChunkValue::new(data(i)));
+            batch.push(key(i));
+            if batch.len() == 8 || i == chunks - 1 {
+                assert_eq!(cache.persist(&batch).await, 0, "chunks {batch:?}");
+                batch.clear();
+            }
+        }
+        cache.clear_memory();
+        for i in 0..chunks {
+            let value = cache.load_from_disk(&key(i)).await.unwrap();
+            let value = value.unwrap_or_else(|| panic!("chunk {i} of {chunks} is not on disk"));
+            assert_eq!(value.data, data(i), "chunk {i}");
+            assert!(value.is_intact());
+        }
+        cache.close().await.unwrap();
+    }
+
+    /// A tier reopened with another capacity (so another block size) keeps what the old
+    /// layout wrote, byte for byte: foyer keeps each block in a file of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tier_reopened_with_another_block_size_reads_nothing_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |i: u64| ChunkKey::new("m", "original", "w.bin", 64 * CHUNK_SIZE, "e", i);
+        let data = |i: u64| Bytes::from(vec![i as u8 ^ 0x5a; CHUNK_SIZE as usize]);
+        let keys: Vec<_> = (0..24).map(key).collect();
+        let cache = ChunkCache::open(dir.path(), 64 << 20, 256 << 20)
+            .await
+            .unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            cache.insert(*key, ChunkValue::new(data(i as u64)));
+        }
+        assert_eq!(cache.persist(&keys).await, 0);
+        cache.close().await.unwrap();
+        drop(cache);
+        for capacity in [1 << 30, 256 << 20] {
+            let cache = ChunkCache::open(dir.path(), 64 << 20, capacity)
+                .await
+                .unwrap();
+            let mut n = 0;
+            for (i, key) in keys.iter().enumerate() {
+                if let Some(value) = cache.load_from_disk(key).await.unwrap() {
+                    n += 1;
+                    assert!(value.is_intact(), "chunk {i}");
+                    assert_eq!(value.data, data(i as u64), "chunk {i}");
+                }
+            }
+            assert_eq!(n, keys.len(), "chunks kept at capacity {capacity}");
+            cache.close().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tier_too_small_for_its_blocks_is_refused_with_the_minimum() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ChunkCache::open(&dir.path().join("tiers"), 16 << 20, 48 << 20)
+            .await
+            .err()
+            .expect("a 48 MiB tier is refused");
+        let message = err.to_string();
+        assert!(message.contains("needs at least 61 MiB"), "{message}");
+        assert!(
+            !dir.path().join("tiers").exists(),
+            "created before refusing"
+        );
+        // Blocks hold whole chunks: 2 in a small tier, 8 in a large one.
+        assert_eq!(block_size(64 << 20), Some(2 * CHUNK_ROOM));
+        assert_eq!(block_size(20 << 30), Some(8 * CHUNK_ROOM));
+    }
+
+    /// A burst of chunks far larger than the flush buffers: foyer drops most of them, and
+    /// `persist` must get every one written, however many rounds that takes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn persist_writes_every_chunk_of_a_burst_the_flush_queue_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 512 << 20, 256 << 20)
+            .await
+            .unwrap();
+        let chunks = 48;
+        let key = |i: u64| ChunkKey::new("m", "int8", "w.bin", chunks * CHUNK_SIZE, "e", i);
+        let data = |i: u64| Bytes::from(vec![!(i as u8); CHUNK_SIZE as usize]);
+        let keys: Vec<_> = (0..chunks).map(key).collect();
+        for (i, key) in keys.iter().enumerate() {
+            cache.insert(*key, ChunkValue::new(data(i as u64)));
+        }
+        assert_eq!(cache.persist(&keys).await, 0);
+        cache.clear_memory();
+        for (i, key) in keys.iter().enumerate() {
+            let value = cache.load_from_disk(key).await.unwrap();
+            let value = value.unwrap_or_else(|| panic!("chunk {i} of {chunks} is not on disk"));
+            assert_eq!(value.data, data(i as u64), "chunk {i}");
+        }
+        cache.close().await.unwrap();
     }
 }
