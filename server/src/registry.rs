@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{ChunkCache, ChunkValue, Tier};
+use crate::cache::{ChunkCache, ChunkKey, ChunkValue, Tier};
 use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
@@ -132,6 +132,11 @@ impl Registry {
 
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
+    }
+
+    /// The tier of built variants.
+    pub fn variant_cache(&self) -> &ChunkCache {
+        &self.variants.cache
     }
 
     pub fn origin_parallelism(&self) -> usize {
@@ -272,19 +277,7 @@ impl Registry {
         };
         for _attempt in 0..2 {
             let (value, tier) = if record.built {
-                let evicted = || Error::VariantEvicted {
-                    name: rev.name.clone(),
-                    variant: rev.variant.clone(),
-                };
-                let result = cache
-                    .get_or_fetch(key, std::future::ready(Err(evicted())))
-                    .await;
-                if result.is_err()
-                    && let Some(variant) = modelcache_quant::Variant::parse(&rev.variant)
-                {
-                    self.variants.invalidate(&rev.name, variant, &rev.id);
-                }
-                result?
+                self.built_chunk(rev, key).await?
             } else {
                 let fetch = {
                     let origin = self.origin.clone();
@@ -329,6 +322,44 @@ impl Registry {
             "chunk {index} of {}/{} fails its digest after a fresh read",
             rev.name, record.origin.path
         )))
+    }
+
+    /// A chunk of a built variant. One that left the variant tier (evicted, or unreadable
+    /// on disk) while the variant was being sent is built again and served: a rebuild gives
+    /// the same revision and the same bytes. Only if the original changed meanwhile does
+    /// the transfer end (`ABORTED`; the agent then fetches the new revision).
+    async fn built_chunk(
+        self: &Arc<Self>,
+        rev: &Arc<Revision>,
+        key: ChunkKey,
+    ) -> Result<(ChunkValue, Tier)> {
+        let evicted = || Error::VariantEvicted {
+            name: rev.name.clone(),
+            variant: rev.variant.clone(),
+        };
+        let cache = &self.variants.cache;
+        let missing = || std::future::ready(Err(evicted()));
+        if let Ok(found) = cache.get_or_fetch(key, missing()).await {
+            return Ok(found);
+        }
+        let variant = modelcache_quant::Variant::parse(&rev.variant).ok_or_else(evicted)?;
+        // Whatever a tier still claims to hold under this key is unusable; without it the
+        // build no longer counts as intact, so `variant` builds it again.
+        cache.remove(&key);
+        let original = self.resolve_name(&rev.name).await?.revision;
+        if rev.source.as_deref() != Some(original.id.as_str()) {
+            self.variants.invalidate(&rev.name, variant, &rev.id);
+            return Err(evicted());
+        }
+        tracing::info!(
+            model = %rev.name, %variant,
+            "a chunk left the variant tier during a transfer; building the variant again"
+        );
+        let rebuilt = self.variant(&original, variant).await?;
+        if rebuilt.id != rev.id {
+            return Err(evicted());
+        }
+        cache.get_or_fetch(key, missing()).await
     }
 
     /// Reads every chunk of a model into the tiers; returns the bytes read from the origin.
