@@ -4,9 +4,9 @@
 //! the file's path, size and origin ETag, and the chunk's index), so a model can be partly
 //! cached and an unchanged file is shared by successive revisions. foyer's defaults do not
 //! fit: it writes to disk only on eviction, skips entries above its block size, and drops
-//! entries when its flush queue is full. Here it writes on insertion, blocks are 8× the
-//! chunk size, the flush buffers are large, and `persist` re-enqueues whatever a full queue
-//! dropped, so that every chunk reaches the disk tier.
+//! entries when its flush queue is full. Here it writes on insertion, blocks hold whole
+//! chunks (8 in a large tier), the flush buffers are large, and `persist` re-enqueues
+//! whatever a full queue dropped, so that every chunk reaches the disk tier.
 
 use std::io::{Read, Write};
 use std::path::Path;
