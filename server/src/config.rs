@@ -44,7 +44,7 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_MEMORY_CAPACITY", default_value = "1GiB")]
     pub memory_capacity: ByteSize,
 
-    /// Disk tier size.
+    /// Disk tier size (at least 61 MiB).
     #[arg(long, env = "CACHE_NODE_DISK_CAPACITY", default_value = "20GiB")]
     pub disk_capacity: ByteSize,
 
@@ -57,8 +57,9 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_PRECOMPUTE", default_value = "int8,fp16", value_parser = parse_variants)]
     pub precompute: VariantList,
 
-    /// Disk space for built variants. Variants have a tier of their own, so they are
-    /// evicted among themselves and never push out the originals they are rebuilt from.
+    /// Disk space for built variants (at least 61 MiB). Variants have a tier of their own,
+    /// so they are evicted among themselves and never push out the originals they are
+    /// rebuilt from.
     #[arg(long, env = "CACHE_NODE_VARIANT_CAPACITY", default_value = "4GiB")]
     pub variant_capacity: ByteSize,
 
