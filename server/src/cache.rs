@@ -49,6 +49,9 @@ const TARGET_DISK_BLOCKS: u64 = 64;
 const SHARD_CHUNKS: u64 = 16;
 const MAX_SHARDS: u64 = 8;
 
+/// Rounds in a row without progress after which `persist` gives up on the chunks left.
+const PERSIST_STALLED_ROUNDS: u32 = 3;
+
 /// The block size for a disk tier of `capacity` bytes, or `None` if the tier is too small.
 fn block_size(capacity: u64) -> Option<usize> {
     let chunks = (capacity / TARGET_DISK_BLOCKS / CHUNK_ROOM as u64)
@@ -172,8 +175,10 @@ impl ChunkCache {
         let Some(block_size) = block_size(disk_capacity) else {
             let min = MIN_DISK_BLOCKS * (MIN_BLOCK_CHUNKS * CHUNK_ROOM as u64);
             return Err(Error::Config(format!(
-                "disk tier at {} would hold {disk_capacity} bytes; it needs at least {} MiB",
+                "disk tier at {} would be {} MiB; it needs at least {} MiB: raise \
+                 --disk-capacity (or --variant-capacity for the variant tier)",
                 dir.display(),
+                disk_capacity >> 20,
                 min.div_ceil(1 << 20)
             )));
         };
@@ -274,7 +279,7 @@ impl ChunkCache {
         // Each round writes at least what the flushers' buffers hold, so go on while the
         // rounds make progress; only chunks gone from memory too stop it.
         let mut stalled = 0;
-        while missing > 0 && stalled < 3 {
+        while missing > 0 && stalled < PERSIST_STALLED_ROUNDS {
             storage.wait().await;
             let before = missing;
             missing = 0;
@@ -416,6 +421,34 @@ mod tests {
         );
     }
 
+    /// `n` chunks of one file, each filled with its own byte (`fill(i)`).
+    fn test_chunks(variant: &str, n: u64, fill: fn(u64) -> u8) -> Vec<(ChunkKey, Bytes)> {
+        (0..n)
+            .map(|i| {
+                let key = ChunkKey::new("m", variant, "w.bin", n * CHUNK_SIZE, "e", i);
+                (key, Bytes::from(vec![fill(i); CHUNK_SIZE as usize]))
+            })
+            .collect()
+    }
+
+    /// How many of `chunks` the disk tier alone holds, each checked byte for byte.
+    async fn count_on_disk(cache: &ChunkCache, chunks: &[(ChunkKey, Bytes)]) -> usize {
+        cache.clear_memory();
+        let mut found = 0;
+        for (i, (key, data)) in chunks.iter().enumerate() {
+            if let Some(value) = cache.load_from_disk(key).await.unwrap() {
+                assert!(value.is_intact(), "chunk {i}");
+                assert_eq!(&value.data, data, "chunk {i}");
+                found += 1;
+            }
+        }
+        found
+    }
+
+    fn keys(chunks: &[(ChunkKey, Bytes)]) -> Vec<ChunkKey> {
+        chunks.iter().map(|(k, _)| *k).collect()
+    }
+
     /// Stores chunks the way a variant build does (insert a batch, wait for the disk) into
     /// a small tier, three quarters full: every chunk must end up on disk, readable with the
     /// memory tier cleared, even though the flush queue drops entries under such bursts.
@@ -425,25 +458,14 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), 64 << 20, 256 << 20)
             .await
             .unwrap();
-        let chunks = (256 << 20) * 3 / 4 / CHUNK_SIZE;
-        let key = |i: u64| ChunkKey::new("m", "fp16", "w.bin", chunks * CHUNK_SIZE, "e", i);
-        let data = |i: u64| Bytes::from(vec![i as u8; CHUNK_SIZE as usize]);
-        let mut batch = Vec::new();
-        for i in 0..chunks {
-            cache.insert(key(i), ChunkValue::new(data(i)));
-            batch.push(key(i));
-            if batch.len() == 8 || i == chunks - 1 {
-                assert_eq!(cache.persist(&batch).await, 0, "chunks {batch:?}");
-                batch.clear();
+        let chunks = test_chunks("fp16", (256 << 20) * 3 / 4 / CHUNK_SIZE, |i| i as u8);
+        for batch in chunks.chunks(8) {
+            for (key, data) in batch {
+                cache.insert(*key, ChunkValue::new(data.clone()));
             }
+            assert_eq!(cache.persist(&keys(batch)).await, 0);
         }
-        cache.clear_memory();
-        for i in 0..chunks {
-            let value = cache.load_from_disk(&key(i)).await.unwrap();
-            let value = value.unwrap_or_else(|| panic!("chunk {i} of {chunks} is not on disk"));
-            assert_eq!(value.data, data(i), "chunk {i}");
-            assert!(value.is_intact());
-        }
+        assert_eq!(count_on_disk(&cache, &chunks).await, chunks.len());
         cache.close().await.unwrap();
     }
 
@@ -452,31 +474,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tier_reopened_with_another_block_size_reads_nothing_wrong() {
         let dir = tempfile::tempdir().unwrap();
-        let key = |i: u64| ChunkKey::new("m", "original", "w.bin", 64 * CHUNK_SIZE, "e", i);
-        let data = |i: u64| Bytes::from(vec![i as u8 ^ 0x5a; CHUNK_SIZE as usize]);
-        let keys: Vec<_> = (0..24).map(key).collect();
+        let chunks = test_chunks("original", 24, |i| i as u8 ^ 0x5a);
         let cache = ChunkCache::open(dir.path(), 64 << 20, 256 << 20)
             .await
             .unwrap();
-        for (i, key) in keys.iter().enumerate() {
-            cache.insert(*key, ChunkValue::new(data(i as u64)));
+        for (key, data) in &chunks {
+            cache.insert(*key, ChunkValue::new(data.clone()));
         }
-        assert_eq!(cache.persist(&keys).await, 0);
+        assert_eq!(cache.persist(&keys(&chunks)).await, 0);
         cache.close().await.unwrap();
         drop(cache);
         for capacity in [1 << 30, 256 << 20] {
             let cache = ChunkCache::open(dir.path(), 64 << 20, capacity)
                 .await
                 .unwrap();
-            let mut n = 0;
-            for (i, key) in keys.iter().enumerate() {
-                if let Some(value) = cache.load_from_disk(key).await.unwrap() {
-                    n += 1;
-                    assert!(value.is_intact(), "chunk {i}");
-                    assert_eq!(value.data, data(i as u64), "chunk {i}");
-                }
-            }
-            assert_eq!(n, keys.len(), "chunks kept at capacity {capacity}");
+            let kept = count_on_disk(&cache, &chunks).await;
+            assert_eq!(kept, chunks.len(), "chunks kept at capacity {capacity}");
             cache.close().await.unwrap();
         }
     }
@@ -507,20 +520,12 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), 512 << 20, 256 << 20)
             .await
             .unwrap();
-        let chunks = 48;
-        let key = |i: u64| ChunkKey::new("m", "int8", "w.bin", chunks * CHUNK_SIZE, "e", i);
-        let data = |i: u64| Bytes::from(vec![!(i as u8); CHUNK_SIZE as usize]);
-        let keys: Vec<_> = (0..chunks).map(key).collect();
-        for (i, key) in keys.iter().enumerate() {
-            cache.insert(*key, ChunkValue::new(data(i as u64)));
+        let chunks = test_chunks("int8", 48, |i| !(i as u8));
+        for (key, data) in &chunks {
+            cache.insert(*key, ChunkValue::new(data.clone()));
         }
-        assert_eq!(cache.persist(&keys).await, 0);
-        cache.clear_memory();
-        for (i, key) in keys.iter().enumerate() {
-            let value = cache.load_from_disk(key).await.unwrap();
-            let value = value.unwrap_or_else(|| panic!("chunk {i} of {chunks} is not on disk"));
-            assert_eq!(value.data, data(i as u64), "chunk {i}");
-        }
+        assert_eq!(cache.persist(&keys(&chunks)).await, 0);
+        assert_eq!(count_on_disk(&cache, &chunks).await, chunks.len());
         cache.close().await.unwrap();
     }
 }

@@ -60,8 +60,9 @@ pub enum Error {
     },
 
     #[error(
-        "{name}:{variant} was evicted from this node's variant tier during the transfer; fetch \
-         again and it is rebuilt"
+        "{name}:{variant} left this node's variant tier during the transfer and could not be \
+         built again as the same revision (its original changed in the origin, or the variant \
+         does not fit --variant-capacity); fetch again for the current revision"
     )]
     VariantEvicted { name: String, variant: String },
 

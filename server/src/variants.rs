@@ -674,10 +674,6 @@ fn background_digest_running(rev: &Revision) -> bool {
     rev.finishing.load(std::sync::atomic::Ordering::Acquire)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
 /// The SHA-256 of file `file` of `rev`, whose bytes are `bytes`: known already, or computed
 /// and recorded on the file, so that the revision's background digest need not read the
 /// file again.
@@ -687,7 +683,7 @@ fn known_or_hashed(rev: &Revision, file: usize, bytes: &[u8]) -> String {
         return sha.clone();
     }
     // Hashed outside the cell, so that a concurrent `set` never waits on the hashing.
-    let sha = sha256_hex(bytes);
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
     let _ = record.sha256.set(sha.clone());
     sha
 }

@@ -164,6 +164,22 @@ impl TestNode {
             .await
             .unwrap()
     }
+
+    /// A `Fetch` of the whole of `reference`, over a connection of its own.
+    pub async fn fetch_stream(
+        &self,
+        reference: &str,
+    ) -> tonic::Streaming<modelcache_proto::v1::FetchResponse> {
+        self.client()
+            .await
+            .fetch(modelcache_proto::v1::FetchRequest {
+                reference: reference.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
 }
 
 impl Drop for TestNode {

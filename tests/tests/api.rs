@@ -297,15 +297,7 @@ async fn cold_fetch_streams_before_the_object_is_read() {
     config.origin_parallelism = 2;
     let node = TestNode::start(config).await;
     s3.tap.get_delay_ms.store(100, Ordering::SeqCst);
-    let mut client = node.client().await;
-    let mut stream = client
-        .fetch(FetchRequest {
-            reference: "m".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = node.fetch_stream("m").await;
     let _manifest = stream.next().await.unwrap().unwrap();
     let first = stream.next().await.unwrap().unwrap();
     assert!(matches!(first.item, Some(fetch_response::Item::Chunk(ref c)) if c.offset == 0));

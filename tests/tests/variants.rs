@@ -512,16 +512,7 @@ async fn a_variant_evicted_during_a_transfer_is_built_again_and_the_transfer_goe
         }
     };
     let fetch = || async {
-        let mut stream = node
-            .client()
-            .await
-            .fetch(v1::FetchRequest {
-                reference: "big:fp16".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = node.fetch_stream("big:fp16").await;
         let manifest = stream.message().await.unwrap().unwrap();
         assert!(matches!(
             manifest.item,
