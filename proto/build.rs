@@ -4,15 +4,6 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-fn prost_build_onnx(fds: prost_types::FileDescriptorSet) -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(false)
-        .bytes(".onnx.TensorProto.raw_data")
-        .compile_fds(fds)?;
-    Ok(())
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["modelcache/v1/cache.proto"];
     let fds = protox::compile(protos, ["."])?;
@@ -27,10 +18,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
-    // The ONNX model format (onnx/onnx.proto from the onnx 1.23 release, Apache-2.0), for
-    // reading and writing model files.
-    let onnx = protox::compile(["onnx/onnx.proto"], ["."])?;
-    prost_build_onnx(onnx)?;
-    println!("cargo:rerun-if-changed=onnx/onnx.proto");
     Ok(())
 }

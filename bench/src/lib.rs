@@ -4,4 +4,4 @@
 pub mod measure;
 
 /// The ResNet-50-shaped sample lives with the tests, which quantize it too.
-pub use modelcache_tests::{resnet, rng};
+pub use modelcache_testkit::{resnet, rng};

@@ -19,6 +19,15 @@ pub struct Cli {
     #[arg(long, env = "CACHE_AGENT_DIR")]
     pub dir: Option<PathBuf>,
 
+    /// Log more on stderr: `-v` what the agent does, `-vv` debug detail (default:
+    /// warnings, or `RUST_LOG` when set).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Log errors only.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,5 +70,18 @@ impl Cli {
             .get_arguments()
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect()
+    }
+}
+
+impl Cli {
+    /// The log filter the flags ask for; `None` leaves it to `RUST_LOG` (else warnings).
+    pub fn log_filter(&self) -> Option<&'static str> {
+        match (self.quiet, self.verbose) {
+            (true, _) => Some("error"),
+            (false, 0) => None,
+            (false, 1) => Some("info"),
+            (false, 2) => Some("debug"),
+            (false, _) => Some("trace"),
+        }
     }
 }

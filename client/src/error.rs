@@ -1,4 +1,6 @@
-//! The agent's error type; gRPC statuses from the node are mapped back into it.
+//! The agent's error type. A node's gRPC status comes back as a variant a caller can act
+//! on (`NotFound`, `Invalid`, `Unavailable`, `Aborted`, `FailedPrecondition`, …), with the
+//! node's message, so library users need not match on gRPC codes.
 
 use modelcache_proto::reference::{PathError, ReferenceError};
 use tonic::Code;
@@ -13,7 +15,37 @@ pub enum AgentError {
     #[error("cannot reach a cache node at {addrs}: {detail}")]
     Unreachable { addrs: String, detail: String },
 
-    /// The node answered with an error; `code` is the gRPC code it sent.
+    /// No such model, file or variant on the node (`NOT_FOUND`).
+    #[error("{message}")]
+    NotFound { message: String },
+
+    /// The node refused the request as malformed: a bad reference, an unknown or
+    /// inapplicable variant, an offset past a file's end (`INVALID_ARGUMENT`,
+    /// `OUT_OF_RANGE`).
+    #[error("{message}")]
+    Invalid { message: String },
+
+    /// The node, or its origin, cannot serve now; retrying later or on another node may
+    /// work (`UNAVAILABLE`).
+    #[error("{message}")]
+    Unavailable { message: String },
+
+    /// The model changed while it was being fetched; fetching again gets the new revision
+    /// (`ABORTED`).
+    #[error("{message}")]
+    Aborted { message: String },
+
+    /// The model cannot be served as asked until something changes: a file that cannot
+    /// be parsed, unsafe paths, the origin refusing the node's credentials
+    /// (`FAILED_PRECONDITION`).
+    #[error("{message}")]
+    FailedPrecondition { message: String },
+
+    /// The node refused the caller's credentials (`UNAUTHENTICATED`, `PERMISSION_DENIED`).
+    #[error("{message}")]
+    Denied { code: Code, message: String },
+
+    /// Any other error the node reported; `code` is the gRPC code it sent.
     #[error("{message}")]
     Node { code: Code, message: String },
 
@@ -62,10 +94,16 @@ impl AgentError {
         }
     }
 
-    /// The gRPC code behind a node error, if any.
+    /// The gRPC code behind an error the node reported, if any (for diagnostics; match
+    /// on the variants to act).
     pub fn code(&self) -> Option<Code> {
         match self {
-            AgentError::Node { code, .. } => Some(*code),
+            AgentError::NotFound { .. } => Some(Code::NotFound),
+            AgentError::Invalid { .. } => Some(Code::InvalidArgument),
+            AgentError::Unavailable { .. } => Some(Code::Unavailable),
+            AgentError::Aborted { .. } => Some(Code::Aborted),
+            AgentError::FailedPrecondition { .. } => Some(Code::FailedPrecondition),
+            AgentError::Denied { code, .. } | AgentError::Node { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -73,9 +111,49 @@ impl AgentError {
 
 impl From<tonic::Status> for AgentError {
     fn from(status: tonic::Status) -> Self {
-        AgentError::Node {
-            code: status.code(),
-            message: status.message().to_owned(),
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::NotFound => AgentError::NotFound { message },
+            Code::InvalidArgument | Code::OutOfRange => AgentError::Invalid { message },
+            Code::Unavailable => AgentError::Unavailable { message },
+            Code::Aborted => AgentError::Aborted { message },
+            Code::FailedPrecondition => AgentError::FailedPrecondition { message },
+            code @ (Code::Unauthenticated | Code::PermissionDenied) => {
+                AgentError::Denied { code, message }
+            }
+            code => AgentError::Node { code, message },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_become_variants_that_keep_the_code_and_message() {
+        let cases = [
+            (Code::NotFound, Some(Code::NotFound)),
+            (Code::InvalidArgument, Some(Code::InvalidArgument)),
+            (Code::OutOfRange, Some(Code::InvalidArgument)),
+            (Code::Unavailable, Some(Code::Unavailable)),
+            (Code::Aborted, Some(Code::Aborted)),
+            (Code::FailedPrecondition, Some(Code::FailedPrecondition)),
+            (Code::Unauthenticated, Some(Code::Unauthenticated)),
+            (Code::Internal, Some(Code::Internal)),
+        ];
+        for (code, mapped) in cases {
+            let err = AgentError::from(tonic::Status::new(code, "what failed and why"));
+            assert_eq!(err.code(), mapped, "{code:?}");
+            assert_eq!(err.to_string(), "what failed and why");
+        }
+        assert!(matches!(
+            AgentError::from(tonic::Status::not_found("no model")),
+            AgentError::NotFound { .. }
+        ));
+        assert!(matches!(
+            AgentError::from(tonic::Status::aborted("changed")),
+            AgentError::Aborted { .. }
+        ));
     }
 }

@@ -13,6 +13,7 @@
 //! `.VARIANT` stores cannot collide with another model's folders: `a:int8` lives at
 //! `DIR/a/@int8`, a model named `a/int8` at `DIR/a/int8/@original`.
 
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use modelcache_proto::Reference;
@@ -137,6 +138,31 @@ impl Layout {
 
     /// Points the link at `rev`: a new symlink renamed over the old one, so readers see the
     /// old revision or the new one, never a mix.
+    /// Moves a finished download in `partial` into place as the revision of `manifest`:
+    /// creates its empty files, checks every file's size, and writes the manifest.
+    pub fn install(&self, r: &Reference, manifest: &LocalManifest, partial: &Path) -> Result<()> {
+        for f in &manifest.files {
+            let path = partial.join(&f.path);
+            if f.size == 0 {
+                open_for_write(&path, 0, false)?;
+            }
+            let len = std::fs::symlink_metadata(&path)
+                .map(|md| md.len())
+                .unwrap_or(u64::MAX);
+            if len != f.size {
+                return Err(AgentError::Corrupt {
+                    reference: r.to_string(),
+                    detail: format!("{} is incomplete after the transfer; run again", f.path),
+                });
+            }
+        }
+        self.write_manifest(r, manifest)?;
+        let target = self.revision_dir(r, &manifest.revision);
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::rename(partial, &target)
+            .map_err(|e| AgentError::io(format!("moving {} into place", partial.display()), e))
+    }
+
     pub fn publish(&self, r: &Reference, rev: &str) -> Result<PathBuf> {
         let link = self.link(r);
         let tmp = link.with_file_name(format!(".@{}.{}.tmp", r.variant(), std::process::id()));
@@ -237,6 +263,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+}
+
+/// Opens a file for writing from `offset`, creating its folders; cuts it at `offset` when
+/// resuming so a half-written chunk from an interrupted run is rewritten.
+pub fn open_for_write(path: &Path, offset: u64, resuming: bool) -> Result<File> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| AgentError::io(format!("creating {}", parent.display()), e))?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(!resuming)
+        .open(path)
+        .map_err(|e| AgentError::io(format!("opening {}", path.display()), e))?;
+    if resuming {
+        file.set_len(offset)
+            .map_err(|e| AgentError::io(format!("truncating {}", path.display()), e))?;
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ impl Agent {
         let mut attempt = 1;
         loop {
             match transfer::prefetch(&mut client, &self.layout, reference, progress).await {
-                Err(e) if e.code() == Some(tonic::Code::Aborted) && attempt < MAX_ATTEMPTS => {
+                Err(e @ AgentError::Aborted { .. }) if attempt < MAX_ATTEMPTS => {
                     tracing::info!(%reference, "{e}; fetching the new revision");
                     attempt += 1;
                 }

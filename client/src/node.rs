@@ -3,19 +3,11 @@
 use std::time::Duration;
 
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
+use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{AgentError, Result};
 
-/// HTTP/2 flow-control window per stream: a few 2 MiB chunks in flight.
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// HTTP/2 flow-control window per connection.
-pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// Largest HTTP/2 frame the node may send: a 2 MiB chunk arrives in a few frames instead of
-/// 128 of the 16 KiB default, and each frame costs the receiving task a wake-up.
-pub const MAX_FRAME_SIZE: u32 = 1024 * 1024 - 1;
-/// Largest gRPC message accepted: a chunk plus framing.
-pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// How long to wait for a node to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,11 +43,15 @@ pub async fn connect(nodes: &[String]) -> Result<NodeClient> {
     for url in nodes {
         match endpoint(url)?.connect().await {
             Ok(channel) => {
+                tracing::debug!(node = %url, "connected");
                 return Ok(ModelCacheClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
                     .max_encoding_message_size(MAX_MESSAGE_SIZE));
             }
-            Err(e) => failures.push(format!("{url}: {}", error_chain(&e))),
+            Err(e) => {
+                tracing::info!(node = %url, "cannot connect: {}", error_chain(&e));
+                failures.push(format!("{url}: {}", error_chain(&e)));
+            }
         }
     }
     Err(AgentError::Unreachable {

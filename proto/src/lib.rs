@@ -1,6 +1,7 @@
 //! The `modelcache.v1` contract shared by the node and the agent: the gRPC API generated
-//! from `proto/modelcache/v1/cache.proto`, the reference syntax (`NAME[:VARIANT]`) and the
-//! rules every receiver applies to file paths inside a model.
+//! from `proto/modelcache/v1/cache.proto`, the reference syntax (`NAME[:VARIANT]`), the
+//! rules every receiver applies to file paths inside a model, and the HTTP/2 and message
+//! sizes both ends of a transfer use (`wire`).
 //!
 //! Other languages generate their own stubs from the same `.proto` file (see `docs/api.md`).
 
@@ -26,8 +27,17 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/modelcache_descriptor.bin"));
 }
 
-/// The ONNX model format, generated from `proto/onnx/onnx.proto` (onnx 1.23).
-#[allow(clippy::all, missing_docs)]
-pub mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+/// HTTP/2 and gRPC sizes both ends of a `Fetch` use. hyper's defaults (a 64 KiB window,
+/// 16 KiB frames) stall a bulk stream on every round trip and cost the receiver a wake-up
+/// per 16 KiB.
+pub mod wire {
+    /// HTTP/2 flow-control window per stream: four 2 MiB chunks in flight to each client.
+    pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+    /// HTTP/2 flow-control window per connection, shared by its streams.
+    pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+    /// Largest HTTP/2 frame: a 2 MiB chunk goes out in a few frames instead of 128.
+    pub const MAX_FRAME_SIZE: u32 = 1024 * 1024 - 1;
+    /// Largest gRPC message sent or accepted: a chunk (2 MiB) plus its framing, under the
+    /// 4 MiB that stock clients accept by default.
+    pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 }

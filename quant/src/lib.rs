@@ -6,7 +6,14 @@
 //! every input as hostile: lengths and offsets are checked against the file before
 //! anything is allocated, and a bad file is an error naming the reason, never a panic.
 
+/// The ONNX model format, generated from `proto/onnx/onnx.proto` (onnx 1.23).
+#[allow(clippy::all, missing_docs)]
+pub mod onnx_proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
 pub mod gguf;
+pub mod model;
 pub mod num;
 pub mod onnx;
 pub mod onnx_ops;
@@ -14,7 +21,7 @@ pub mod safetensors;
 
 use std::fmt;
 
-pub use num::set_max_threads;
+pub use num::with_max_threads;
 
 /// Version of the quantizers; recorded in every variant's provenance. Bumped whenever
 /// the bytes a variant produces change.
@@ -164,6 +171,13 @@ pub enum QuantError {
     /// The variant does not apply to this file or model.
     #[error("{0}")]
     NotApplicable(String),
+    /// The model has no file of this path.
+    #[error("the model has no file {0}")]
+    NotFound(String),
+    /// Reading the original failed where the caller keeps it (its own error, boxed, so the
+    /// caller can take it back).
+    #[error("{0}")]
+    Source(Box<dyn std::error::Error + Send + Sync>),
     #[error("{context}: {source}")]
     Io {
         context: String,

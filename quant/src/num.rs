@@ -173,18 +173,25 @@ impl ChannelView {
 /// Tensors at least this large are quantized on several threads.
 const PARALLEL_ELEMENTS: usize = 1 << 16;
 
-/// Threads one quantization may use (0: every core).
-static MAX_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    /// Threads one quantization on this thread may use (0: every core).
+    static MAX_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-/// Limits the threads one tensor's quantization uses (a node leaves cores for serving);
-/// 0 means every core.
-pub fn set_max_threads(n: usize) {
-    MAX_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
+/// Runs `work` (a transform, on the calling thread) with each tensor's quantization
+/// limited to `threads` threads (a node leaves cores for serving); 0 means every core.
+/// The limit belongs to this call alone: two callers with different limits, in one process
+/// or one thread after the other, do not affect each other.
+pub fn with_max_threads<R>(threads: usize, work: impl FnOnce() -> R) -> R {
+    let previous = MAX_THREADS.replace(threads);
+    let result = work();
+    MAX_THREADS.set(previous);
+    result
 }
 
 fn threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match MAX_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+    match MAX_THREADS.get() {
         0 => cores,
         n => n.min(cores),
     }

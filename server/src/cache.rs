@@ -168,6 +168,8 @@ pub enum Tier {
 
 pub struct ChunkCache {
     hybrid: HybridCache<ChunkKey, ChunkValue>,
+    /// Where the disk tier lives, for messages.
+    dir: String,
 }
 
 impl ChunkCache {
@@ -191,7 +193,7 @@ impl ChunkCache {
         let device = FsDeviceBuilder::new(dir)
             .with_capacity(disk_capacity as usize)
             .build()
-            .map_err(|e| Error::Cache(format!("disk tier at {}: {e}", dir.display())))?;
+            .map_err(|e| tier_error(dir, e))?;
         let engine = BlockEngineConfig::new(device)
             .with_block_size(block_size)
             .with_flushers(FLUSHERS)
@@ -213,9 +215,12 @@ impl ChunkCache {
             .with_recover_mode(RecoverMode::Quiet)
             .build()
             .await
-            .map_err(|e| Error::Cache(format!("opening tiers at {}: {e}", dir.display())))?;
+            .map_err(|e| tier_error(dir, e))?;
         reserve(dir)?;
-        Ok(Self { hybrid })
+        Ok(Self {
+            hybrid,
+            dir: dir.display().to_string(),
+        })
     }
 
     /// The chunk from memory, disk, or `fetch`; concurrent misses on one key share one
@@ -229,7 +234,7 @@ impl ChunkCache {
             .hybrid
             .get_or_fetch(&key, move || fetch)
             .await
-            .map_err(unwrap_fetch_error)?;
+            .map_err(|e| unwrap_fetch_error(&self.dir, e))?;
         let tier = match entry.source() {
             Source::Memory => Tier::Memory,
             Source::Disk => Tier::Disk,
@@ -261,7 +266,7 @@ impl ChunkCache {
             Ok(foyer::Load::Entry { value, .. }) => Ok(Some(value)),
             Ok(foyer::Load::Piece { piece, .. }) => Ok(Some(piece.value().clone())),
             Ok(_) => Ok(None),
-            Err(e) => Err(Error::Cache(e.to_string())),
+            Err(e) => Err(tier_error(Path::new(&self.dir), e)),
         }
     }
 
@@ -302,7 +307,7 @@ impl ChunkCache {
         self.hybrid
             .close()
             .await
-            .map_err(|e| Error::Cache(format!("closing tiers: {e}")))
+            .map_err(|e| tier_error(Path::new(&self.dir), format!("closing: {e}")))
     }
 }
 
@@ -362,11 +367,18 @@ fn reserve(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn tier_error(dir: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::Tier {
+        dir: dir.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
 /// foyer wraps a failed fetch in its own error; give the caller ours back.
-fn unwrap_fetch_error(err: foyer::Error) -> Error {
+fn unwrap_fetch_error(dir: &str, err: foyer::Error) -> Error {
     match err.downcast_ref::<SharedError>() {
         Some(shared) => Error::Shared(shared.0.clone()),
-        None => Error::Cache(err.to_string()),
+        None => tier_error(Path::new(dir), err),
     }
 }
 

@@ -87,6 +87,12 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_S3_ALLOW_HTTP")]
     pub s3_allow_http: Option<bool>,
 
+    /// Once the node serves, write the address it listens on (`IP:PORT`, one line) to this
+    /// file, replacing it atomically: how scripts find a node started with `--listen
+    /// 127.0.0.1:0`, and know that it is ready.
+    #[arg(long, env = "CACHE_NODE_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+
     /// Log filter, `RUST_LOG` syntax.
     #[arg(long, env = "CACHE_NODE_LOG", default_value = "info")]
     pub log: String,

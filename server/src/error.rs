@@ -1,7 +1,10 @@
-//! The node's error type, and the one place that maps it to gRPC status codes.
+//! The node's error type: kinds a caller can act on, with messages for people (what
+//! failed, on which model or file, and what to do). It knows nothing of gRPC: the
+//! service layer maps each kind to a status code, in one table (`service::code`).
+
+use std::path::PathBuf;
 
 use modelcache_proto::reference::{PathError, ReferenceError};
-use tonic::{Code, Status};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -143,8 +146,30 @@ pub enum Error {
     #[error("origin {origin} failed: {detail}")]
     Origin { origin: String, detail: String },
 
-    #[error("cache error: {0}")]
-    Cache(String),
+    #[error("the node is shutting down; retry on another node or once it is back")]
+    ShuttingDown,
+
+    #[error(
+        "chunk {index} of {name}/{path} fails its digest after a fresh read from the origin; \
+         the origin's bytes changed without a new ETag, or this node's memory is failing"
+    )]
+    ChunkCorrupt {
+        name: String,
+        path: String,
+        index: u64,
+    },
+
+    #[error("{what} failed: {detail}")]
+    TaskFailed { what: String, detail: String },
+
+    #[error("cache tier at {dir}: {detail}")]
+    Tier { dir: String, detail: String },
+
+    #[error("saving manifest {}: {source}", path.display())]
+    ManifestIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -172,32 +197,19 @@ impl Error {
         }
     }
 
-    /// The gRPC code clients act on.
-    pub fn code(&self) -> Code {
-        match self {
-            Error::InvalidReference(_)
-            | Error::UnknownVariant { .. }
-            | Error::VariantNotApplicable { .. } => Code::InvalidArgument,
-            Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
-            Error::OffsetOutOfRange { .. } => Code::OutOfRange,
-            Error::UnsafeModelPath { .. } | Error::OriginDenied { .. } => Code::FailedPrecondition,
-            Error::VariantFailed { .. } => Code::FailedPrecondition,
-            Error::OriginUnavailable { .. }
-            | Error::OriginTruncated { .. }
-            | Error::OriginReadFailed { .. } => Code::Unavailable,
-            Error::OriginChanged { .. }
-            | Error::OriginFileGone { .. }
-            | Error::RevisionChanged { .. }
-            | Error::VariantEvicted { .. } => Code::Aborted,
-            Error::Origin { .. } => Code::Unavailable,
-            Error::Shared(inner) => inner.code(),
-            Error::Cache(_) | Error::Config(_) | Error::Cli(_) | Error::Io { .. } => Code::Internal,
+    /// A background task that ended without its result (it panicked or was cancelled).
+    pub fn task_failed(what: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        Self::TaskFailed {
+            what: what.into(),
+            detail: err.to_string(),
         }
     }
-}
 
-impl From<Error> for Status {
-    fn from(err: Error) -> Self {
-        Status::new(err.code(), err.to_string())
+    /// This error, or the one a shared fetch or build handed to every waiter.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(inner) => inner.root(),
+            other => other,
+        }
     }
 }

@@ -2,12 +2,14 @@
 //! is saved next to the disk tier so that a restarted node can serve without the origin.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use modelcache_proto::{CHUNK_SIZE, chunk_count, v1};
+use modelcache_proto::{CHUNK_SIZE, chunk_count};
+use modelcache_quant::{QUANTIZER_VERSION, Variant};
 use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
 
 use crate::cache::ChunkKey;
 use crate::error::{Error, Result};
@@ -22,11 +24,27 @@ pub struct FileRecord {
     /// the origin (a miss means the variant was evicted and must be rebuilt).
     pub built: bool,
     /// Where a built file came from.
-    pub provenance: Option<v1::Provenance>,
+    pub provenance: Option<Provenance>,
     pub keys: Vec<ChunkKey>,
     /// Filled in as chunks are read from the origin (or found in a saved manifest).
     pub digests: Vec<OnceLock<[u8; 32]>>,
-    pub sha256: OnceLock<String>,
+    /// The whole file's SHA-256. Whoever computes it does so inside the cell's
+    /// `get_or_try_init`, so a second party that needs it waits for that computation
+    /// instead of hashing the file again.
+    pub sha256: OnceCell<String>,
+}
+
+/// Where a file a variant built came from (SPEC §3: recorded in the manifest and, where
+/// the format has a place for it, in the file itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub source_path: String,
+    pub source_sha256: String,
+    /// Absent in manifests saved before it was recorded; the variant's own name then.
+    #[serde(default)]
+    pub variant: String,
+    pub quantizer_version: String,
+    pub parameters: String,
 }
 
 impl FileRecord {
@@ -41,7 +59,7 @@ impl FileRecord {
             provenance: None,
             keys,
             digests: (0..chunks).map(|_| OnceLock::new()).collect(),
-            sha256: OnceLock::new(),
+            sha256: OnceCell::new(),
         }
     }
 
@@ -50,7 +68,8 @@ impl FileRecord {
         start..(start + CHUNK_SIZE).min(self.origin.size)
     }
 
-    fn all_digests(&self) -> Option<Vec<[u8; 32]>> {
+    /// Every chunk's digest, once all are known.
+    pub fn all_digests(&self) -> Option<Vec<[u8; 32]>> {
         self.digests.iter().map(|d| d.get().copied()).collect()
     }
 }
@@ -64,14 +83,23 @@ pub struct Revision {
     pub files: Vec<FileRecord>,
     pub total_size: u64,
     pub total_chunks: u64,
-    /// Chunks whose digest is known; when it reaches `total_chunks` the model has been
-    /// read in full and its SHA-256 work can start.
+    /// How many of `files`' chunk digests are set: a count kept beside them, so that
+    /// "this digest completed the model" is known without scanning every file.
     known_chunks: AtomicU64,
-    /// Set once the background SHA-256 / persistence task has been started.
-    pub finishing: AtomicBool,
     /// When the origin last listed exactly this revision (saved, so that a restarted node
     /// trusts it for the rest of `--revalidate-after` without asking the origin).
     confirmed_at: Mutex<Option<SystemTime>>,
+}
+
+/// A variant's revision: a digest of the original revision, the variant and the
+/// quantizer version (a rebuild gives the same revision and the same bytes).
+pub fn variant_id(original: &str, variant: Variant) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [original, variant.as_str(), QUANTIZER_VERSION] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().to_hex()[..32].to_owned()
 }
 
 /// The revision of a file list: BLAKE3 over every path, size and ETag, in path order.
@@ -120,7 +148,6 @@ impl Revision {
             total_size,
             total_chunks,
             known_chunks: AtomicU64::new(0),
-            finishing: AtomicBool::new(false),
             confirmed_at: Mutex::new(None),
         };
         rev.recount();
@@ -135,6 +162,11 @@ impl Revision {
             .filter(|d| d.get().is_some())
             .count();
         self.known_chunks.store(known as u64, Ordering::Release);
+    }
+
+    /// Whether this is the bytes as stored (not a variant).
+    pub fn is_original(&self) -> bool {
+        self.variant == modelcache_proto::reference::ORIGINAL
     }
 
     /// Records a chunk's digest; true when this completed the model's digests.
@@ -175,35 +207,6 @@ impl Revision {
     pub fn has_all_sha256(&self) -> bool {
         self.files.iter().all(|f| f.sha256.get().is_some())
     }
-
-    pub fn to_proto(&self, stale_reason: Option<&str>, tiers: v1::TierPresence) -> v1::Manifest {
-        v1::Manifest {
-            name: self.name.clone(),
-            variant: self.variant.clone(),
-            revision: self.id.clone(),
-            chunk_size: CHUNK_SIZE,
-            files: self
-                .files
-                .iter()
-                .map(|f| v1::FileEntry {
-                    path: f.origin.path.clone(),
-                    size: f.origin.size,
-                    etag: f.origin.etag.clone(),
-                    chunk_blake3: f
-                        .all_digests()
-                        .map(|d| d.iter().map(|x| x.to_vec()).collect())
-                        .unwrap_or_default(),
-                    sha256: f.sha256.get().cloned().unwrap_or_default(),
-                    provenance: f.provenance.clone(),
-                })
-                .collect(),
-            total_size: self.total_size,
-            stale: stale_reason.is_some(),
-            stale_reason: stale_reason.unwrap_or_default().to_owned(),
-            tiers: Some(tiers),
-            variants: Vec::new(),
-        }
-    }
 }
 
 fn copy_known(from: &FileRecord, to: &FileRecord) {
@@ -243,15 +246,7 @@ struct SavedFile {
     sha256: Option<String>,
     /// A variant's own file (its chunks are in the variant tier), with its provenance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    provenance: Option<SavedProvenance>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct SavedProvenance {
-    source_path: String,
-    source_sha256: String,
-    quantizer_version: String,
-    parameters: String,
+    provenance: Option<Provenance>,
 }
 
 /// Saved manifests, one JSON file per model under `CACHE_DIR/manifests/`.
@@ -299,21 +294,16 @@ impl ManifestStore {
                     etag: f.origin.etag.clone(),
                     chunk_blake3: f.digests.iter().map(|d| d.get().map(hex::encode)).collect(),
                     sha256: f.sha256.get().cloned(),
-                    provenance: f.provenance.as_ref().map(|p| SavedProvenance {
-                        source_path: p.source_path.clone(),
-                        source_sha256: p.source_sha256.clone(),
-                        quantizer_version: p.quantizer_version.clone(),
-                        parameters: p.parameters.clone(),
-                    }),
+                    provenance: f.provenance.clone(),
                 })
                 .collect(),
         };
         let path = self.file_for(&rev.name, &rev.variant);
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Cache(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(&saved).expect("a manifest serializes to JSON");
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| Error::io(format!("saving manifest {}", path.display()), e))
+            .map_err(|source| Error::ManifestIo { path, source })
     }
 
     pub fn remove(&self, name: &str, variant: &str) {
@@ -366,7 +356,7 @@ fn restore(saved: SavedRevision) -> Result<Revision, String> {
             let parsed = modelcache_quant::Variant::parse(variant)
                 .ok_or_else(|| format!("unknown variant {variant:?}"))?;
             let source = saved.source.clone().ok_or("a variant without its source")?;
-            if crate::variants::variant_id(&source, parsed) != saved.revision {
+            if variant_id(&source, parsed) != saved.revision {
                 return Err("built by another quantizer version".into());
             }
             let records = saved
@@ -376,13 +366,11 @@ fn restore(saved: SavedRevision) -> Result<Revision, String> {
                     Some(p) => {
                         let mut record = FileRecord::new(&saved.name, variant, origin_file(f));
                         record.built = true;
-                        record.provenance = Some(v1::Provenance {
-                            source_path: p.source_path.clone(),
-                            source_sha256: p.source_sha256.clone(),
-                            variant: variant.clone(),
-                            quantizer_version: p.quantizer_version.clone(),
-                            parameters: p.parameters.clone(),
-                        });
+                        let mut provenance = p.clone();
+                        if provenance.variant.is_empty() {
+                            provenance.variant.clone_from(variant);
+                        }
+                        record.provenance = Some(provenance);
                         record
                     }
                     None => FileRecord::new(

@@ -37,11 +37,11 @@ pub struct OriginFile {
     pub etag: String,
 }
 
-/// Requests and bytes read from the origin, for metrics and tests.
+/// Requests sent to the origin and bytes read from it.
 #[derive(Debug, Default)]
-pub struct OriginCounters {
-    pub requests: AtomicU64,
-    pub bytes: AtomicU64,
+struct OriginCounters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
 }
 
 pub struct Origin {
@@ -49,7 +49,7 @@ pub struct Origin {
     prefix: Path,
     /// How the origin is named in messages, e.g. `s3://models` or `/srv/models`.
     display: String,
-    pub counters: OriginCounters,
+    counters: OriginCounters,
 }
 
 /// Retries of one origin request: a few quick ones, so that a dead origin is reported
@@ -143,6 +143,14 @@ impl Origin {
 
     pub fn display(&self) -> &str {
         &self.display
+    }
+
+    /// Requests sent to the origin (listings and ranged GETs) and object bytes read.
+    pub fn counters(&self) -> (u64, u64) {
+        (
+            self.counters.requests.load(Ordering::Relaxed),
+            self.counters.bytes.load(Ordering::Relaxed),
+        )
     }
 
     fn model_prefix(&self, name: &str) -> Path {

@@ -1,4 +1,6 @@
-//! The gRPC layer: decode the request, call the registry, map the result. Nothing else.
+//! The gRPC layer: decode the request, call the registry, translate the result. Every
+//! `v1::` message the node sends is built here (and framed in `wire`); the table that
+//! maps the domain's errors to gRPC codes is `code`.
 
 use std::sync::Arc;
 
@@ -6,14 +8,17 @@ use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
-    self, FetchRequest, FetchResponse, ListRequest, ListResponse, PrefetchRequest,
-    PrefetchResponse, PrefetchResult, ResolveRequest, ResolveResponse, fetch_response,
+    self, FetchResponse, ListRequest, ListResponse, PrefetchRequest, PrefetchResponse,
+    PrefetchResult, ResolveRequest, ResolveResponse, fetch_response,
 };
 use modelcache_proto::{CHUNK_SIZE, Reference};
-use tonic::{Request, Response, Status};
+use modelcache_quant::Variant;
+use tonic::{Code, Request, Response, Status};
 
 use crate::error::Error;
-use crate::registry::{Registry, chunk_plan};
+use crate::manifest::{FileRecord, Provenance, Revision};
+use crate::registry::{Chunk, FetchRequest, ManifestView, ModelListing, Registry, TierCounts};
+use crate::variants::BuildState;
 
 pub struct NodeService {
     registry: Arc<Registry>,
@@ -22,6 +27,43 @@ pub struct NodeService {
 impl NodeService {
     pub fn new(registry: Arc<Registry>) -> Self {
         Self { registry }
+    }
+}
+
+/// The gRPC code of each kind of error: what a client can do about it.
+pub fn code(error: &Error) -> Code {
+    match error {
+        Error::InvalidReference(_)
+        | Error::UnknownVariant { .. }
+        | Error::VariantNotApplicable { .. } => Code::InvalidArgument,
+        Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
+        Error::OffsetOutOfRange { .. } => Code::OutOfRange,
+        Error::UnsafeModelPath { .. }
+        | Error::OriginDenied { .. }
+        | Error::VariantFailed { .. } => Code::FailedPrecondition,
+        Error::OriginUnavailable { .. }
+        | Error::OriginTruncated { .. }
+        | Error::OriginReadFailed { .. }
+        | Error::Origin { .. }
+        | Error::ShuttingDown => Code::Unavailable,
+        Error::OriginChanged { .. }
+        | Error::OriginFileGone { .. }
+        | Error::RevisionChanged { .. }
+        | Error::VariantEvicted { .. } => Code::Aborted,
+        Error::Shared(inner) => code(inner),
+        Error::ChunkCorrupt { .. }
+        | Error::TaskFailed { .. }
+        | Error::Tier { .. }
+        | Error::ManifestIo { .. }
+        | Error::Config(_)
+        | Error::Cli(_)
+        | Error::Io { .. } => Code::Internal,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        Status::new(code(&err), err.to_string())
     }
 }
 
@@ -38,7 +80,7 @@ impl ModelCache for NodeService {
         let reference = parse(&request.get_ref().reference)?;
         let resolved = self.registry.resolve(&reference).await?;
         Ok(Response::new(ResolveResponse {
-            manifest: Some(self.registry.manifest(&resolved)),
+            manifest: Some(manifest(self.registry.describe(resolved))),
         }))
     }
 
@@ -46,75 +88,23 @@ impl ModelCache for NodeService {
 
     async fn fetch(
         &self,
-        request: Request<FetchRequest>,
+        request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         let req = request.into_inner();
-        let reference = parse(&req.reference)?;
-        let resolved = self.registry.resolve(&reference).await?;
-        let rev = resolved.revision.clone();
-        if !req.revision.is_empty() && req.revision != rev.id {
-            return Err(Error::RevisionChanged {
-                name: rev.name.clone(),
-                requested: req.revision,
-                current: rev.id.clone(),
-            }
-            .into());
-        }
-        let start_file = if req.file.is_empty() {
-            0
-        } else {
-            rev.file_index(&req.file)
-                .ok_or_else(|| Error::FileNotFound {
-                    name: rev.name.clone(),
-                    path: req.file.clone(),
-                })?
-        };
-        if let Some(record) = rev.files.get(start_file)
-            && req.offset > record.origin.size
-        {
-            return Err(Error::OffsetOutOfRange {
-                name: rev.name.clone(),
-                path: record.origin.path.clone(),
+        let transfer = self
+            .registry
+            .open_fetch(FetchRequest {
+                reference: parse(&req.reference)?,
+                revision: req.revision,
+                file: req.file,
                 offset: req.offset,
-                size: record.origin.size,
-            }
-            .into());
-        }
-        let plan = chunk_plan(&rev, start_file, req.offset / CHUNK_SIZE);
-        let manifest = FetchResponse {
-            item: Some(fetch_response::Item::Manifest(
-                self.registry.manifest(&resolved),
-            )),
-        };
-        let registry = self.registry.clone();
-        let parallelism = registry.origin_parallelism();
-        let chunks = stream::iter(plan)
-            .map({
-                let registry = registry.clone();
-                let rev = rev.clone();
-                move |(f, i)| {
-                    let registry = registry.clone();
-                    let rev = rev.clone();
-                    async move {
-                        let (value, _tier) = registry.chunk(&rev, f, i).await?;
-                        registry.stats.bytes_served.fetch_add(
-                            value.data.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        Ok::<_, Error>(FetchResponse {
-                            item: Some(fetch_response::Item::Chunk(v1::Chunk {
-                                file_index: f as u32,
-                                offset: i * CHUNK_SIZE,
-                                data: value.data,
-                                blake3: value.digest.to_vec(),
-                            })),
-                        })
-                    }
-                }
             })
-            .buffered(parallelism)
-            .map_err(Status::from);
-        let body = stream::once(std::future::ready(Ok(manifest))).chain(chunks);
+            .await?;
+        let first = FetchResponse {
+            item: Some(fetch_response::Item::Manifest(manifest(transfer.manifest))),
+        };
+        let chunks = transfer.chunks.map_ok(chunk).map_err(Status::from);
+        let body = stream::once(std::future::ready(Ok(first))).chain(chunks);
         Ok(Response::new(body.boxed()))
     }
 
@@ -134,11 +124,11 @@ impl ModelCache for NodeService {
                 reference: reference.to_string(),
                 ..Default::default()
             };
-            match self.warm(&reference).await {
-                Ok((revision, total_size, origin_bytes)) => {
-                    result.revision = revision;
-                    result.total_size = total_size;
-                    result.origin_bytes = origin_bytes;
+            match self.registry.warm(&reference).await {
+                Ok(warmed) => {
+                    result.revision = warmed.revision;
+                    result.total_size = warmed.total_size;
+                    result.origin_bytes = warmed.origin_bytes;
                 }
                 Err(e) => result.error = e.to_string(),
             }
@@ -148,16 +138,132 @@ impl ModelCache for NodeService {
     }
 
     async fn list(&self, _request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let models = self.registry.list().await?;
-        Ok(Response::new(ListResponse { models }))
+        let models = self.registry.list().await;
+        Ok(Response::new(ListResponse {
+            models: models.into_iter().map(model_info).collect(),
+        }))
     }
 }
 
-impl NodeService {
-    async fn warm(&self, reference: &Reference) -> Result<(String, u64, u64), Error> {
-        let resolved = self.registry.resolve(reference).await?;
-        let rev = resolved.revision;
-        let origin_bytes = self.registry.warm(&rev).await?;
-        Ok((rev.id.clone(), rev.total_size, origin_bytes))
+fn chunk(chunk: Chunk) -> FetchResponse {
+    FetchResponse {
+        item: Some(fetch_response::Item::Chunk(v1::Chunk {
+            file_index: chunk.file_index,
+            offset: chunk.offset,
+            data: chunk.data,
+            blake3: chunk.digest.to_vec(),
+        })),
+    }
+}
+
+fn manifest(view: ManifestView) -> v1::Manifest {
+    let rev = &view.resolved.revision;
+    let stale_reason = view.resolved.stale_reason;
+    v1::Manifest {
+        name: rev.name.clone(),
+        variant: rev.variant.clone(),
+        revision: rev.id.clone(),
+        chunk_size: CHUNK_SIZE,
+        files: rev.files.iter().map(file_entry).collect(),
+        total_size: rev.total_size,
+        stale: stale_reason.is_some(),
+        stale_reason: stale_reason.unwrap_or_default(),
+        tiers: Some(tiers(view.tiers)),
+        variants: view.variants.into_iter().map(variant_state).collect(),
+    }
+}
+
+fn file_entry(file: &FileRecord) -> v1::FileEntry {
+    v1::FileEntry {
+        path: file.origin.path.clone(),
+        size: file.origin.size,
+        etag: file.origin.etag.clone(),
+        chunk_blake3: file
+            .all_digests()
+            .map(|d| d.iter().map(|x| x.to_vec()).collect())
+            .unwrap_or_default(),
+        sha256: file.sha256.get().cloned().unwrap_or_default(),
+        provenance: file.provenance.clone().map(provenance),
+    }
+}
+
+fn provenance(p: Provenance) -> v1::Provenance {
+    v1::Provenance {
+        source_path: p.source_path,
+        source_sha256: p.source_sha256,
+        variant: p.variant,
+        quantizer_version: p.quantizer_version,
+        parameters: p.parameters,
+    }
+}
+
+fn tiers(counts: TierCounts) -> v1::TierPresence {
+    v1::TierPresence {
+        total_chunks: counts.total_chunks,
+        memory_chunks: counts.memory_chunks,
+        disk_chunks: counts.disk_chunks,
+    }
+}
+
+fn variant_state((variant, state): (Variant, BuildState)) -> v1::VariantState {
+    use v1::variant_state::State;
+    let mut out = v1::VariantState {
+        variant: variant.to_string(),
+        ..Default::default()
+    };
+    match state {
+        BuildState::Absent => out.set_state(State::Absent),
+        BuildState::Building => out.set_state(State::Building),
+        BuildState::Ready {
+            revision,
+            total_size,
+        } => {
+            out.set_state(State::Ready);
+            out.revision = revision;
+            out.total_size = total_size;
+        }
+        BuildState::Failed { reason } => {
+            out.set_state(State::Failed);
+            out.reason = reason;
+        }
+    }
+    out
+}
+
+fn model_info(model: ModelListing) -> v1::ModelInfo {
+    v1::ModelInfo {
+        name: model.name,
+        cached: model
+            .cached
+            .into_iter()
+            .map(
+                |(rev, counts): (Arc<Revision>, TierCounts)| v1::CachedVariant {
+                    variant: rev.variant.clone(),
+                    revision: rev.id.clone(),
+                    total_size: rev.total_size,
+                    tiers: Some(tiers(counts)),
+                },
+            )
+            .collect(),
+        variants: model.variants.into_iter().map(variant_state).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_is_unavailable_and_shared_errors_keep_their_code() {
+        assert_eq!(code(&Error::ShuttingDown), Code::Unavailable);
+        let shared = Error::Shared(Arc::new(Error::UnknownVariant {
+            variant: "int3".into(),
+        }));
+        assert_eq!(code(&shared), Code::InvalidArgument);
+        let status = Status::from(Error::ShuttingDown);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("shutting down"), "{status:?}");
+        let failed = Error::task_failed("building a variant", "panicked");
+        assert_eq!(code(&failed), Code::Internal);
     }
 }

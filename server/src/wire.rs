@@ -28,7 +28,7 @@ use tonic::{Code, Request, Status};
 use crate::service::NodeService;
 
 /// The path tonic routes `ModelCache.Fetch` by.
-const FETCH_PATH: &str = "/modelcache.v1.ModelCache/Fetch";
+pub const FETCH_PATH: &str = "/modelcache.v1.ModelCache/Fetch";
 /// `FetchResponse.chunk` and `Chunk.data` (cache.proto).
 const CHUNK_FIELD: u32 = 2;
 const DATA_FIELD: u32 = 3;
@@ -102,7 +102,7 @@ async fn fetch(
         .to_bytes();
     let message = request_message(&body)?;
     let request = FetchRequest::decode(message)
-        .map_err(|e| Status::internal(format!("decoding the Fetch request: {e}")))?;
+        .map_err(|e| Status::invalid_argument(format!("decoding the Fetch request: {e}")))?;
     let messages = node.fetch(Request::new(request)).await?.into_inner();
     // Data frames of each message, then trailers: `grpc-status` 0 after the last message,
     // or the status of the error that ended the stream.
@@ -132,7 +132,7 @@ async fn fetch(
 /// The message of a request body holding one uncompressed gRPC message.
 fn request_message(body: &[u8]) -> Result<&[u8], Status> {
     let Some((header, message)) = body.split_first_chunk::<FRAME_HEADER>() else {
-        return Err(Status::internal(
+        return Err(Status::invalid_argument(
             "Fetch request shorter than a gRPC frame header",
         ));
     };
@@ -141,7 +141,7 @@ fn request_message(body: &[u8]) -> Result<&[u8], Status> {
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     if len != message.len() {
-        return Err(Status::internal(format!(
+        return Err(Status::invalid_argument(format!(
             "Fetch request frame says {len} bytes but carries {}",
             message.len()
         )));
@@ -272,7 +272,7 @@ mod tests {
     fn malformed_request_frames_are_refused() {
         assert_eq!(
             request_message(&[0, 0, 0]).unwrap_err().code(),
-            Code::Internal
+            Code::InvalidArgument
         );
         assert_eq!(
             request_message(&[1, 0, 0, 0, 0]).unwrap_err().code(),
@@ -280,7 +280,7 @@ mod tests {
         );
         assert_eq!(
             request_message(&[0, 0, 0, 0, 9, 1]).unwrap_err().code(),
-            Code::Internal
+            Code::InvalidArgument
         );
         assert_eq!(request_message(&[0, 0, 0, 0, 1, 42]).unwrap(), &[42]);
     }

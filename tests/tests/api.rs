@@ -7,7 +7,7 @@ use cache_agent::Progress;
 use futures::StreamExt;
 use modelcache_proto::v1::{FetchRequest, ListRequest, PrefetchRequest, fetch_response};
 use modelcache_proto::{CHUNK_SIZE, Reference};
-use modelcache_tests::*;
+use modelcache_testkit::*;
 use tonic::Code;
 
 const MIB: usize = 1024 * 1024;
@@ -18,23 +18,23 @@ fn r(s: &str) -> Reference {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_warms_the_node_and_list_shows_tiers() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files: ModelFiles = vec![
         ("model.onnx".into(), data(50, 7 * MIB + 1)),
         ("config.json".into(), b"{}".to_vec()),
     ];
-    seed(&s3, "resnet50", &files).await;
-    seed(
-        &s3,
-        "org/minilm",
-        &vec![
-            ("config.json".into(), b"{}".to_vec()),
-            ("1_Pooling/config.json".into(), b"{}".to_vec()),
-        ],
-    )
-    .await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    sandbox.seed("resnet50", &files).await;
+    sandbox
+        .seed(
+            "org/minilm",
+            &vec![
+                ("config.json".into(), b"{}".to_vec()),
+                ("1_Pooling/config.json".into(), b"{}".to_vec()),
+            ],
+        )
+        .await;
+    let node = sandbox.node().await;
     let mut client = node.client().await;
 
     let response = client
@@ -74,7 +74,7 @@ async fn prefetch_warms_the_node_and_list_shows_tiers() {
         s3.tap.gets()
     );
 
-    node.registry.wait_idle().await;
+    node.idle().await;
     let models = client
         .list(ListRequest {})
         .await
@@ -97,14 +97,14 @@ async fn prefetch_warms_the_node_and_list_shows_tiers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_from_an_offset_and_pinned_revisions() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files: ModelFiles = vec![
         ("a.bin".into(), data(60, 5 * MIB)),
         ("b.bin".into(), data(61, 3 * MIB)),
     ];
-    seed(&s3, "m", &files).await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    sandbox.seed("m", &files).await;
+    let node = sandbox.node().await;
     let mut client = node.client().await;
 
     // Resume inside a.bin, not on a chunk boundary: the node starts at the chunk holding it.
@@ -251,7 +251,7 @@ async fn corrupted_disk_entry_is_detected_and_read_again() {
         .prefetch(&r("m"), &Progress::hidden())
         .await
         .unwrap();
-    node.registry.wait_idle().await;
+    node.idle().await;
     node.stop().await;
 
     // Flip one byte of the second chunk where the disk tier stored it.
@@ -334,14 +334,14 @@ async fn fetch_with_grpcio(node: &TestNode, reference: &str) -> serde_json::Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_grpc_client_fetches_byte_identical_and_gets_errors() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files: ModelFiles = vec![
         ("model.onnx".into(), data(61, 5 * MIB + 3)),
         ("config.json".into(), b"{\"a\": 1}".to_vec()),
     ];
-    seed(&s3, "resnet50", &files).await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    sandbox.seed("resnet50", &files).await;
+    let node = sandbox.node().await;
 
     // Cold (the node reads the origin while it streams), then warm from the memory tier.
     for _ in 0..2 {
@@ -366,12 +366,9 @@ async fn an_independent_grpc_client_fetches_byte_identical_and_gets_errors() {
     assert_eq!(got["code"], "INVALID_ARGUMENT", "{got}");
 
     // An error after the manifest went out: the status arrives in the trailers.
-    seed(
-        &s3,
-        "other",
-        &vec![("model.onnx".into(), data(62, 3 * MIB))],
-    )
-    .await;
+    sandbox
+        .seed("other", &vec![("model.onnx".into(), data(62, 3 * MIB))])
+        .await;
     s3.tap.cut_after.store(1000, Ordering::SeqCst);
     let got = fetch_with_grpcio(&node, "other").await;
     assert_eq!(got["code"], "UNAVAILABLE", "{got}");

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use modelcache_tests::*;
+use modelcache_testkit::*;
 
 const MIB: usize = 1024 * 1024;
 
 fn agent_cmd(node: &str, dir: &Path) -> Command {
     let mut cmd = Command::new(binary("cache-agent"));
     cmd.env_remove("CACHE_AGENT_NODE")
-        .env_remove("CACHE_AGENT_DIR");
+        .env_remove("CACHE_AGENT_DIR")
+        .env_remove("RUST_LOG");
     cmd.arg("--node").arg(node).arg("--dir").arg(dir);
     cmd
 }
@@ -56,15 +57,15 @@ fn recorded_progress(dir: &Path, name: &str, sizes: &[u64]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files: ModelFiles = vec![
         ("config.json".into(), b"{\"a\": 1}".to_vec()),
         ("model.bin".into(), data(21, 40 * MIB + 99)),
         ("z/empty".into(), Vec::new()),
     ];
-    seed(&s3, "big", &files).await;
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = node_config(&s3, cache.path());
+    sandbox.seed("big", &files).await;
+    let mut config = sandbox.node_config();
     config.origin_parallelism = 1;
     let node = TestNode::start(config).await;
     s3.tap.get_delay_ms.store(120, Ordering::SeqCst);
@@ -122,11 +123,11 @@ async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
     assert!(!link.exists(), "a killed prefetch published its model");
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let served_before = node.registry.stats.bytes_served.load(Ordering::SeqCst);
+    let served_before = node.stats().bytes_served;
     s3.tap.get_delay_ms.store(10, Ordering::SeqCst);
     let out = run_ok(agent_cmd(&node.url, dir.path()).args(["prefetch", "big"]));
     assert_eq!(out.trim(), link.display().to_string());
-    let served_second = node.registry.stats.bytes_served.load(Ordering::SeqCst) - served_before;
+    let served_second = node.stats().bytes_served - served_before;
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
     assert!(
         served_second > 0 && (served_second as usize) < total - 6 * MIB,
@@ -153,11 +154,12 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
     ];
     seed(&s3, "resnet50", &files).await;
     let cache = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let ready = cache.path().join("node.addr");
     let mut node = Child(
         Command::new(binary("cache-node"))
             .env("CACHE_NODE_ORIGIN", "s3://models")
-            .env("CACHE_NODE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CACHE_NODE_LISTEN", "127.0.0.1:0")
+            .env("CACHE_NODE_READY_FILE", &ready)
             .env("CACHE_NODE_CACHE_DIR", cache.path())
             .env("CACHE_NODE_MEMORY_CAPACITY", "64MiB")
             .env("CACHE_NODE_DISK_CAPACITY", "256MiB")
@@ -170,16 +172,19 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
             .spawn()
             .unwrap(),
     );
-    let url = format!("http://127.0.0.1:{port}");
+    // The node writes the address it bound to its ready file once it serves.
     assert!(
-        wait_for(Duration::from_secs(30), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok())
-        .await,
+        wait_for(Duration::from_secs(30), || ready.exists()).await,
         "node did not start"
     );
+    let addr = std::fs::read_to_string(&ready).unwrap();
+    assert!(
+        addr.ends_with('\n') && addr.lines().count() == 1,
+        "{addr:?}"
+    );
+    let addr: std::net::SocketAddr = addr.trim().parse().unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let url = format!("http://{addr}");
     let dir = tempfile::tempdir().unwrap();
 
     let out = run_ok(agent_cmd(&url, dir.path()).args(["prefetch", "resnet50"]));
@@ -192,6 +197,36 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
 
     let out = run_ok(agent_cmd(&url, dir.path()).arg("ls"));
     assert!(out.starts_with("resnet50:original\t"), "{out}");
+
+    // Logs go to stderr, never stdout: nothing but warnings by default, what the agent
+    // does with -v, errors only with -q.
+    let quiet_by_default = agent_cmd(&url, dir.path())
+        .args(["get", "resnet50"])
+        .output()
+        .unwrap();
+    assert!(quiet_by_default.status.success());
+    assert_eq!(String::from_utf8_lossy(&quiet_by_default.stderr), "");
+    let verbose = agent_cmd(&url, dir.path())
+        .args(["-v", "get", "resnet50"])
+        .output()
+        .unwrap();
+    assert!(verbose.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&verbose.stdout),
+        format!("{}\n", path.display())
+    );
+    let log = String::from_utf8_lossy(&verbose.stderr);
+    assert!(
+        log.contains("resolved") && log.contains("already present"),
+        "{log}"
+    );
+    let quiet = agent_cmd(&url, dir.path())
+        .args(["-q", "prefetch", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(quiet.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&quiet.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
 
     // The node computes SHA-256 after the transfer; wait until `stat` shows it.
     let shown = wait_for(Duration::from_secs(30), || {

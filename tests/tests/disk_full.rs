@@ -6,7 +6,7 @@ use std::process::Command;
 
 use cache_agent::{AgentError, Progress};
 use modelcache_proto::Reference;
-use modelcache_tests::*;
+use modelcache_testkit::*;
 
 const MIB: usize = 1024 * 1024;
 
@@ -39,14 +39,13 @@ impl Drop for SmallDisk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_mid_prefetch_is_a_clear_error_and_leaves_nothing() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
     let files: ModelFiles = vec![
         ("a.json".into(), b"{}".to_vec()),
         ("model.onnx".into(), data(40, 12 * MIB)),
     ];
-    seed(&s3, "resnet50", &files).await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    sandbox.seed("resnet50", &files).await;
+    let node = sandbox.node().await;
     let disk = SmallDisk::mount(6);
     let agent = node.agent(disk.dir.path());
     let err = agent
@@ -102,7 +101,7 @@ async fn node_reserves_its_tiers_so_a_full_filesystem_loses_nothing() {
     fill(&disk.dir.path().join("filler"));
     let (_dir, fetched) = node.prefetch_fresh("big").await;
     assert_same_files(&fetched.path, &files);
-    node.registry.wait_idle().await;
+    node.idle().await;
 
     // Every chunk reached the disk tier, byte for byte.
     let resolved = node
@@ -110,7 +109,7 @@ async fn node_reserves_its_tiers_so_a_full_filesystem_loses_nothing() {
         .resolve(&Reference::parse("big").unwrap())
         .await
         .unwrap();
-    let cache = node.registry.cache();
+    let cache = node.registry.tier_caches().0;
     cache.clear_memory();
     let bytes = &files[0].1;
     for (i, key) in resolved.revision.files[0].keys.iter().enumerate() {

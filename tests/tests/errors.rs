@@ -7,7 +7,7 @@ use cache_agent::{AgentError, Progress};
 use futures::StreamExt;
 use modelcache_proto::Reference;
 use modelcache_proto::v1::{FetchRequest, ResolveRequest, fetch_response};
-use modelcache_tests::*;
+use modelcache_testkit::*;
 use tonic::Code;
 
 const MIB: usize = 1024 * 1024;
@@ -165,10 +165,11 @@ async fn origin_down_with_nothing_cached_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_refusing_credentials_is_failed_precondition_naming_origin() {
-    let s3 = S3Server::start().await;
-    seed(&s3, "resnet50", &vec![("model.onnx".into(), data(1, 1000))]).await;
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = node_config(&s3, cache.path());
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .seed("resnet50", &vec![("model.onnx".into(), data(1, 1000))])
+        .await;
+    let mut config = sandbox.node_config();
     config.s3_secret_access_key = Some("wrong-secret".into());
     let node = TestNode::start(config).await;
     let mut client = node.client().await;
@@ -278,11 +279,11 @@ async fn client_vanishing_mid_stream_does_not_hurt_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let v1: ModelFiles = vec![("model.onnx".into(), data(10, 3 * MIB))];
-    seed(&s3, "resnet50", &v1).await;
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = node_config(&s3, cache.path());
+    sandbox.seed("resnet50", &v1).await;
+    let mut config = sandbox.node_config();
     config.revalidate_after = Duration::from_millis(1500);
     let node = TestNode::start(config).await;
     let dir = tempfile::tempdir().unwrap();
@@ -297,7 +298,7 @@ async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
     // The in-process S3 server lists no ETags, so the node versions its objects by size
     // and modification time there: change the size too.
     let v2: ModelFiles = vec![("model.onnx".into(), data(11, 3 * MIB + 1))];
-    seed(&s3, "resnet50", &v2).await;
+    sandbox.seed("resnet50", &v2).await;
     // Within revalidate-after the cached revision is still served.
     let manifest = agent.stat(&r("resnet50")).await.unwrap();
     assert_eq!(manifest.revision, first.revision);
@@ -323,11 +324,11 @@ async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let v1: ModelFiles = vec![("model.onnx".into(), data(90, 8 * MIB))];
-    seed(&s3, "resnet50", &v1).await;
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = node_config(&s3, cache.path());
+    sandbox.seed("resnet50", &v1).await;
+    let mut config = sandbox.node_config();
     config.revalidate_after = Duration::from_millis(100);
     config.origin_parallelism = 1;
     let node = TestNode::start(config).await;
@@ -348,7 +349,7 @@ async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
         tokio::spawn(async move { agent.prefetch(&r("resnet50"), &Progress::hidden()).await });
     assert!(wait_for(Duration::from_secs(10), || s3.tap.get_count() >= 1).await);
     let v2: ModelFiles = vec![("model.onnx".into(), data(91, 8 * MIB + 1))];
-    seed(&s3, "resnet50", &v2).await;
+    sandbox.seed("resnet50", &v2).await;
     s3.tap.get_delay_ms.store(0, Ordering::SeqCst);
     let fetched = fetch.await.unwrap().unwrap();
     assert_ne!(
@@ -360,15 +361,12 @@ async fn model_changing_mid_transfer_is_fetched_again_never_mixed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_deleted_mid_transfer_ends_not_found_and_publishes_nothing() {
-    let s3 = S3Server::start().await;
-    seed(
-        &s3,
-        "resnet50",
-        &vec![("model.onnx".into(), data(92, 8 * MIB))],
-    )
-    .await;
-    let cache = tempfile::tempdir().unwrap();
-    let mut config = node_config(&s3, cache.path());
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
+    sandbox
+        .seed("resnet50", &vec![("model.onnx".into(), data(92, 8 * MIB))])
+        .await;
+    let mut config = sandbox.node_config();
     config.revalidate_after = Duration::from_millis(100);
     config.origin_parallelism = 1;
     let node = TestNode::start(config).await;

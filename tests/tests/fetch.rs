@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use cache_agent::Progress;
 use modelcache_proto::{CHUNK_SIZE, Reference};
-use modelcache_tests::*;
+use modelcache_testkit::*;
 
 const MIB: usize = 1024 * 1024;
 
@@ -30,11 +30,11 @@ fn r(s: &str) -> Reference {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files = multi_file_model();
-    seed(&s3, "org/minilm", &files).await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    sandbox.seed("org/minilm", &files).await;
+    let node = sandbox.node().await;
 
     let (dir1, fetched) = node.prefetch_fresh("org/minilm").await;
     assert_eq!(fetched.path, dir1.path().join("org/minilm/@original"));
@@ -68,7 +68,7 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
     assert_eq!(again.transferred, 0);
 
     // The node computes every file's SHA-256 in the background; verify --sha256 checks them.
-    node.registry.wait_idle().await;
+    node.idle().await;
     let reports = node
         .agent(dir2.path())
         .verify(Some(&r("org/minilm")), true)
@@ -86,19 +86,32 @@ async fn multi_file_model_arrives_byte_identical_and_warm_fetch_skips_origin() {
         assert_eq!(entry.sha256, sha256(bytes), "{path}");
         assert_eq!(entry.size as usize, bytes.len());
     }
+
+    // Every RPC passed the server's layer stack, the hand-framed Fetch included: two
+    // transfers (the third found the model present), and Resolve or Fetch for each call.
+    let stats = node.stats();
+    assert_eq!(stats.fetch_rpcs, 2, "{stats:?}");
+    assert!(stats.rpcs > 2 + 3, "{stats:?}");
+    // The node's own counters agree with the origin's: the cold fetch's chunks came from
+    // the origin, the warm one's from the tiers.
+    assert_eq!(stats.origin_bytes as usize, total, "{stats:?}");
+    assert!(
+        stats.misses > 0 && stats.memory_hits + stats.disk_hits > 0,
+        "{stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cold_fetches_read_each_chunk_from_origin_once() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let files: ModelFiles = vec![
         ("model.onnx".into(), data(3, 24 * MIB + 5)),
         ("b.bin".into(), data(4, 5 * MIB)),
     ];
-    seed(&s3, "resnet50", &files).await;
+    sandbox.seed("resnet50", &files).await;
     s3.tap.get_delay_ms.store(30, Ordering::SeqCst);
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    let node = sandbox.node().await;
     let dirs: Vec<_> = (0..16).map(|_| tempfile::tempdir().unwrap()).collect();
     let fetches = dirs.iter().map(|d| {
         let agent = node.agent(d.path());
@@ -143,7 +156,7 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
         .prefetch(&r("resnet50"), &Progress::hidden())
         .await
         .unwrap();
-    node.registry.wait_idle().await;
+    node.idle().await;
     node.stop().await;
 
     // Within --revalidate-after of the last listing, a restarted node does not even ask
@@ -174,8 +187,8 @@ async fn restarted_node_serves_from_disk_with_origin_stopped() {
         "{}",
         manifest.stale_reason
     );
-    assert_eq!(node.registry.stats.misses.load(Ordering::SeqCst), 0);
-    assert!(node.registry.stats.disk_hits.load(Ordering::SeqCst) > 0);
+    assert_eq!(node.stats().misses, 0);
+    assert!(node.stats().disk_hits > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -196,10 +209,10 @@ async fn disk_tier_holds_every_chunk() {
         .prefetch(&r("big"), &Progress::hidden())
         .await
         .unwrap();
-    node.registry.wait_idle().await;
+    node.idle().await;
 
     let resolved = node.registry.resolve(&r("big")).await.unwrap();
-    let cache = node.registry.cache();
+    let cache = node.registry.tier_caches().0;
     cache.clear_memory();
     for (file, (_, bytes)) in resolved.revision.files.iter().zip(&files) {
         for (i, key) in file.keys.iter().enumerate() {
@@ -217,6 +230,6 @@ async fn disk_tier_holds_every_chunk() {
             );
         }
     }
-    let tiers = node.registry.tiers(&resolved.revision);
+    let tiers = node.registry.tier_counts(&resolved.revision);
     assert_eq!(tiers.disk_chunks, tiers.total_chunks);
 }

@@ -177,7 +177,7 @@ async fn hostile_paths_are_refused_and_nothing_lands_outside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_failing_their_digest_are_never_published() {
-    let data = Arc::new(modelcache_tests::data(3, 3 * CHUNK_SIZE as usize));
+    let data = Arc::new(modelcache_testkit::data(3, 3 * CHUNK_SIZE as usize));
     let node = HostileNode {
         files: vec![("model.onnx".into(), Bytes::from(data.to_vec()))],
         wrong_digest: true,

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use modelcache_proto::v1::{self, variant_state::State};
-use modelcache_tests::{
-    S3Server, TestNode, node_config, read_dir_files, resnet, run_python, seed, sha256,
+use modelcache_testkit::{
+    S3Server, Sandbox, TestNode, node_config, read_dir_files, resnet, run_python, seed, sha256,
 };
 use serde_json::{Value, json};
 use tonic::Code;
@@ -298,7 +298,7 @@ async fn bad_weight_files_fail_clearly_and_the_original_is_still_served() {
         assert_eq!(state.state(), State::Failed, "{model}");
         assert!(state.reason.contains(reason), "{}", state.reason);
     }
-    node.registry.wait_idle().await;
+    node.idle().await;
     node.stop().await;
 }
 
@@ -352,11 +352,11 @@ async fn variants_that_do_not_apply_are_refused_before_any_io() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_tier() {
-    let s3 = S3Server::start().await;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
     let work = tempfile::tempdir().unwrap();
-    seed_models(&s3, work.path(), "good").await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = TestNode::start(node_config(&s3, cache.path())).await;
+    seed_models(s3, work.path(), "good").await;
+    let node = sandbox.node().await;
     let before = resolve(&node, "onnx-opset11").await.unwrap();
     let states: Vec<(String, State)> = before
         .variants
@@ -373,7 +373,7 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
         .map(|(v, s)| (v.to_owned(), s))
     );
     node.prefetch_fresh("onnx-opset11").await;
-    node.registry.wait_idle().await;
+    node.idle().await;
     let after = resolve(&node, "onnx-opset11").await.unwrap();
     for s in &after.variants {
         let want = if s.variant == "int4" {
@@ -383,10 +383,7 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
         };
         assert_eq!(s.state(), want, "{}", s.variant);
     }
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        2
-    );
+    assert_eq!(node.stats().variant_builds, 2);
     // Fetching a precomputed variant reads nothing from the origin, and many concurrent
     // requests for one that is not built yet share one build.
     s3.tap.reset();
@@ -406,22 +403,16 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
     assert!(revisions.iter().all(|r| *r == revisions[0]));
     // One int4 build; reading opset17's original in full for it also started that model's
     // precomputed int8 and fp16 (in the background: wait for them).
-    node.registry.wait_idle().await;
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        5
-    );
+    node.idle().await;
+    assert_eq!(node.stats().variant_builds, 5);
     // A variant asked for cold, before its original was ever read: the build reads the
     // original in full, which precomputes fp16; nothing is built twice, and the variant's
     // manifest has every digest and SHA-256 from the start.
     node.prefetch_fresh("st-sharded:int8").await;
-    node.registry.wait_idle().await;
+    node.idle().await;
     node.prefetch_fresh("st-sharded:int8").await;
-    node.registry.wait_idle().await;
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        7
-    );
+    node.idle().await;
+    assert_eq!(node.stats().variant_builds, 7);
     let int8 = resolve(&node, "st-sharded:int8").await.unwrap();
     assert!(
         int8.files
@@ -454,10 +445,10 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
 }
 
 /// A safetensors model of one 3072×4096 float32 tensor (48 MiB; 12 chunks in fp16).
-fn big_safetensors(seed: u64) -> modelcache_tests::ModelFiles {
+fn big_safetensors(seed: u64) -> modelcache_testkit::ModelFiles {
     let rows = 3 * 1024;
     let cols = 4096;
-    let values: Vec<u8> = modelcache_tests::data(seed, rows * cols)
+    let values: Vec<u8> = modelcache_testkit::data(seed, rows * cols)
         .iter()
         .flat_map(|b| (f32::from(*b) / 255.0 - 0.5).to_le_bytes())
         .collect();
@@ -508,7 +499,7 @@ async fn a_variant_evicted_during_a_transfer_is_built_again_and_the_transfer_goe
     let evict_all = || async {
         let rev = node.registry.resolve(&reference).await.unwrap().revision;
         for key in rev.chunk_keys() {
-            node.registry.variant_cache().remove(&key);
+            node.registry.tier_caches().1.remove(&key);
         }
     };
     let fetch = || async {
@@ -527,10 +518,7 @@ async fn a_variant_evicted_during_a_transfer_is_built_again_and_the_transfer_goe
     evict_all().await;
     let bytes = rest_of_stream(stream).await.expect("the transfer goes on");
     assert_eq!(sha256(&bytes), expected);
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        2
-    );
+    assert_eq!(node.stats().variant_builds, 2);
 
     // If the original changed meanwhile, the old variant cannot be rebuilt: the stream ends
     // with ABORTED, and the agent's next fetch gets the new revision's variant.
@@ -569,20 +557,14 @@ async fn evicted_variants_are_rebuilt_and_never_evict_originals() {
             first = Some(sha256(&bytes));
         }
     }
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        3
-    );
+    assert_eq!(node.stats().variant_builds, 3);
     // The first variant no longer fits; asking again rebuilds it, to the same bytes.
     let (_d, again) = node.prefetch_fresh("big0:fp16").await;
     let bytes = std::fs::read(again.path.join("model.safetensors")).unwrap();
     assert_eq!(Some(sha256(&bytes)), first);
     // Rebuilt once: a build waits until every chunk it stored is on disk, so it is not
     // evicted again before the transfer, however busy the disk.
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        4
-    );
+    assert_eq!(node.stats().variant_builds, 4);
     // The originals all stayed on disk.
     for i in 0..3 {
         let m = resolve(&node, &format!("big{i}")).await.unwrap();
@@ -602,16 +584,13 @@ async fn a_restarted_node_serves_its_built_variants_without_rebuilding() {
     let node = TestNode::start(config.clone()).await;
     let (_d, before) = node.prefetch_fresh("st-sharded:int8").await;
     let manifest = resolve(&node, "st-sharded:int8").await.unwrap();
-    node.registry.wait_idle().await;
+    node.idle().await;
     node.stop().await;
 
     let node = TestNode::start(config).await;
     s3.tap.reset();
     let (_d, after) = node.prefetch_fresh("st-sharded:int8").await;
-    assert_eq!(
-        node.registry.stats.variant_builds.load(Ordering::Relaxed),
-        0
-    );
+    assert_eq!(node.stats().variant_builds, 0);
     assert_eq!(s3.tap.get_count(), 0, "the origin was read");
     assert_eq!(after.revision, before.revision);
     let again = resolve(&node, "st-sharded:int8").await.unwrap();
@@ -626,4 +605,31 @@ async fn a_restarted_node_serves_its_built_variants_without_rebuilding() {
     let tiers = again.tiers.unwrap();
     assert_eq!(tiers.disk_chunks, tiers.total_chunks);
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_cut_short_by_shutdown_is_unavailable_not_internal() {
+    let sandbox = Sandbox::start().await;
+    sandbox.seed("big", &big_safetensors(11)).await;
+    let mut config = sandbox.node_config();
+    config.precompute = Default::default();
+    config.origin_parallelism = 1;
+    let node = TestNode::start(config).await;
+    // Each ranged GET takes 200 ms: the build reads for seconds, so shutdown finds it running.
+    sandbox.s3.tap.get_delay_ms.store(200, Ordering::SeqCst);
+    let registry = node.registry.clone();
+    let waiting = tokio::spawn(async move {
+        let reference = modelcache_proto::Reference::parse("big:fp16").unwrap();
+        registry.resolve(&reference).await.map(|_| ())
+    });
+    let started = modelcache_testkit::wait_for(std::time::Duration::from_secs(30), || {
+        node.stats().variant_builds == 1
+    })
+    .await;
+    assert!(started, "the build did not start");
+    node.registry.shutdown().await.unwrap();
+    let err = waiting.await.unwrap().expect_err("the build was cut short");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
 }

@@ -4,7 +4,7 @@
 //! References: nginx (sendfile) fetched with curl, a direct parallel ranged GET from the
 //! same S3 server (object_store, 8 ranges of 8 MiB in flight), `s5cmd cp`, `aws s3 cp`,
 //! and `sha256sum` after a plain download. The S3 server is the suite's in-process one (s3s
-//! over s3s-fs storage, see `modelcache_tests::s3`), seeded through the S3 API.
+//! over s3s-fs storage, see `modelcache_testkit::s3`), seeded through the S3 API.
 //! `scripts/bench` installs the references. `--only cold,warm,many,memory,variants` runs
 //! some groups of scenarios; the cold group also prints where the CPU time went.
 
@@ -12,92 +12,80 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use modelcache_bench::measure::{self, Row, Table};
-use modelcache_tests::{S3Server, data};
+use modelcache_testkit::{S3Server, data};
 
 const MIB: usize = 1024 * 1024;
 /// T9 and T10 time each side this many times and keep its best.
 const BEST_OF: usize = 3;
 
-struct Opts {
-    work: PathBuf,
-    bin: PathBuf,
-    venv_bin: PathBuf,
-    /// The Python with onnxruntime (scripts/py-env).
-    python: PathBuf,
-    /// Size of the single-file model, MiB.
-    single_mib: usize,
-    /// Size of the multi-file model, MiB.
-    multi_mib: usize,
-    /// Which groups of scenarios run (`--only`); all when empty.
-    only: Vec<String>,
+/// Groups of scenarios `--only` selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    /// T4, T5: cold fetches against the direct ranged GET, s5cmd and aws s3 cp.
+    Cold,
+    /// T1, T2, T3, T8: warm fetches against nginx and curl.
+    Warm,
+    /// T6: many agents at once.
+    Many,
+    /// T7: node and agent memory.
+    Memory,
+    /// T9, T10, V1, V2: quantizers and variants.
+    Variants,
 }
 
-/// Groups of scenarios `--only` selects: cold (T4, T5), warm (T1, T2, T3, T8), many (T6),
-/// memory (T7), variants (T9, T10, V1, V2).
-const GROUPS: [&str; 5] = ["cold", "warm", "many", "memory", "variants"];
-
-const USAGE: &str =
-    "usage: modelcache-bench [OPTIONS]   (scripts/bench installs the references first)
-
-  --only GROUP,...     run some groups: cold (T4, T5), warm (T1-T3, T8), many (T6),
-                       memory (T7), variants (T9, T10, V1, V2); default all
-  --variants-only      same as --only variants
-  --single-mib N       size of the single-file model [1024]
-  --multi-mib N        size of the multi-file model [2048]
-  --work DIR           scratch directory [target/bench-work]
-  --bin DIR            cache-node, cache-agent, modelcache-quantize [target/release]
-  --venv-bin DIR       s5cmd and aws [target/bench-venv/bin]
-  --python PATH        the Python with onnxruntime [target/py-venv/bin/python]";
+/// modelcache side by side with the tools people would use instead, on the same machine,
+/// the same data and in the same run; prints one table of ratios. `scripts/bench` installs
+/// the references first.
+#[derive(clap::Parser, Debug)]
+#[command(name = "modelcache-bench")]
+struct Opts {
+    /// Run some groups of scenarios (comma-separated); all when not given.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Group>,
+    /// Same as `--only variants`.
+    #[arg(long, conflicts_with = "only")]
+    variants_only: bool,
+    /// Size of the single-file model, MiB.
+    #[arg(long, default_value_t = 1024)]
+    single_mib: usize,
+    /// Size of the multi-file model, MiB.
+    #[arg(long, default_value_t = 2048)]
+    multi_mib: usize,
+    /// Scratch directory.
+    #[arg(long, default_value = "target/bench-work")]
+    work: PathBuf,
+    /// Where cache-node, cache-agent and modelcache-quantize are.
+    #[arg(long, default_value = "target/release")]
+    bin: PathBuf,
+    /// Where s5cmd and aws are.
+    #[arg(long, default_value = "target/bench-venv/bin")]
+    venv_bin: PathBuf,
+    /// The Python with onnxruntime.
+    #[arg(long, default_value = "target/py-venv/bin/python")]
+    python: PathBuf,
+}
 
 impl Opts {
-    fn runs(&self, group: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    fn runs(&self, group: Group) -> bool {
+        self.only.is_empty() || self.only.contains(&group)
     }
 }
 
 fn parse_opts() -> Result<Opts> {
-    let mut opts = Opts {
-        work: PathBuf::from("target/bench-work"),
-        bin: PathBuf::from("target/release"),
-        venv_bin: PathBuf::from("target/bench-venv/bin"),
-        python: PathBuf::from("target/py-venv/bin/python"),
-        single_mib: 1024,
-        multi_mib: 2048,
-        only: Vec::new(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().context("missing value");
-        match arg.as_str() {
-            "--work" => opts.work = value()?.into(),
-            "--bin" => opts.bin = value()?.into(),
-            "--venv-bin" => opts.venv_bin = value()?.into(),
-            "--python" => opts.python = value()?.into(),
-            "--single-mib" => opts.single_mib = value()?.parse()?,
-            "--multi-mib" => opts.multi_mib = value()?.parse()?,
-            "--variants-only" => opts.only = vec!["variants".into()],
-            "--only" => {
-                opts.only = value()?.split(',').map(str::to_owned).collect();
-                if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
-                    bail!(
-                        "--only: unknown group {bad}; groups are {}",
-                        GROUPS.join(", ")
-                    );
-                }
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
+    let mut opts = <Opts as clap::Parser>::parse();
+    if opts.variants_only {
+        opts.only = vec![Group::Variants];
     }
-    opts.work = std::path::absolute(&opts.work)?;
-    opts.bin = std::path::absolute(&opts.bin)?;
-    opts.venv_bin = std::path::absolute(&opts.venv_bin)?;
-    opts.python = std::path::absolute(&opts.python)?;
+    for path in [
+        &mut opts.work,
+        &mut opts.bin,
+        &mut opts.venv_bin,
+        &mut opts.python,
+    ] {
+        *path = std::path::absolute(&*path)?;
+    }
     Ok(opts)
 }
 
@@ -114,23 +102,26 @@ async fn main() -> Result<()> {
         "S3 server: s3s 0.14 with s3s-fs 0.14 storage, object bodies read in 1 MiB blocks \
          (in-process, loopback), seeded through the S3 API",
     );
-    if GROUPS[..4].iter().any(|g| opts.runs(g)) {
+    if [Group::Cold, Group::Warm, Group::Many, Group::Memory]
+        .into_iter()
+        .any(|g| opts.runs(g))
+    {
         let data = Data::seed(&opts, &s3).await?;
-        if opts.runs("cold") {
+        if opts.runs(Group::Cold) {
             cold(&opts, &s3, &data, &mut table).await?;
         }
-        if opts.runs("warm") {
+        if opts.runs(Group::Warm) {
             warm(&opts, &s3, &data, &mut table).await?;
         }
-        if opts.runs("many") {
+        if opts.runs(Group::Many) {
             many(&opts, &s3, &data, &mut table).await?;
         }
-        if opts.runs("memory") {
+        if opts.runs(Group::Memory) {
             memory(&opts, &s3, &data, &mut table)?;
         }
         footer.push_str(&format!("; nginx {}", measure::nginx_version()));
     }
-    if opts.runs("variants") {
+    if opts.runs(Group::Variants) {
         variants(&opts, &s3, &mut table).await?;
     }
     println!("{}", table.render(&footer));
@@ -153,7 +144,7 @@ impl Data {
     async fn seed(opts: &Opts, s3: &S3Server) -> Result<Self> {
         let single = data(1, opts.single_mib * MIB);
         s3.put("single/model.bin", &single).await;
-        if opts.runs("many") || opts.runs("memory") {
+        if opts.runs(Group::Many) || opts.runs(Group::Memory) {
             let parts = 4;
             let part_len = opts.multi_mib * MIB / parts;
             for i in 0..parts {

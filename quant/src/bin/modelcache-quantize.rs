@@ -1,62 +1,50 @@
-//! Builds one variant of one weight file, the way a cache node does, without a node:
-//! `modelcache-quantize VARIANT INPUT OUTPUT`. For checking a quantizer by hand and for
-//! the benchmark; nodes build variants themselves.
+//! Builds one variant of one weight file the way a cache node does, without a node:
+//! `modelcache-quantize VARIANT INPUT OUTPUT`. It calls the node's entry point
+//! (`modelcache_quant::model::build`) with INPUT's folder as the model (ONNX external data
+//! is read from there) and INPUT as its one weight file; OUTPUT is the transformed file,
+//! and an external data file, if any, is written beside it. For checking a quantizer by
+//! hand and for the benchmark; nodes build variants themselves.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use bytes::Bytes;
-use modelcache_quant::{Format, Provenance, QuantError, Variant, onnx};
-use sha2::Digest;
+use modelcache_quant::model::{self, BuildOptions, FolderSource, OutputData};
+use modelcache_quant::{QuantError, Variant};
 
-fn run(variant: &str, input: &Path, output: &Path) -> Result<String, QuantError> {
-    let variant = Variant::parse(variant)
-        .ok_or_else(|| QuantError::invalid(format!("unknown variant {variant:?}")))?;
-    let name = input.to_string_lossy();
-    let format = Format::of(&name)
-        .ok_or_else(|| QuantError::invalid(format!("{name}: not .onnx, .safetensors or .gguf")))?;
-    let open =
-        || std::fs::File::open(input).map_err(|e| QuantError::io(format!("reading {name}"), e));
-    // The source's SHA-256, streamed (the provenance names it).
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut std::io::BufReader::new(open()?), &mut hasher)
-        .map_err(|e| QuantError::io(format!("reading {name}"), e))?;
-    let provenance = Provenance {
-        source_sha256: hex::encode(hasher.finalize()),
-        variant,
-        format,
+fn run(variant: &str, input: &Path, output: &Path) -> Result<String, String> {
+    let variant = Variant::parse(variant).ok_or_else(|| format!("unknown variant {variant:?}"))?;
+    let dir = input.parent().unwrap_or(Path::new("."));
+    let name = input
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| "INPUT names no file".to_owned())?;
+    let scratch = tempfile::tempdir_in(output.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| format!("creating a scratch folder: {e}"))?;
+    let options = BuildOptions {
+        threads: 0,
+        scratch: scratch.path().to_owned(),
     };
-    match format {
-        Format::Onnx => {
-            let bytes =
-                std::fs::read(input).map_err(|e| QuantError::io(format!("reading {name}"), e))?;
-            let dir = input.parent().unwrap_or(Path::new("."));
-            let out = onnx::transform(Bytes::from(bytes), variant, &provenance, &mut |loc| {
-                std::fs::read(dir.join(loc))
-                    .map(Bytes::from)
-                    .map_err(|e| QuantError::io(format!("reading {loc}"), e))
-            })?;
-            std::fs::write(output, &out.model)
-                .map_err(|e| QuantError::io(format!("writing {}", output.display()), e))?;
-            if let Some((loc, data)) = out.external {
-                let path = output.parent().unwrap_or(Path::new(".")).join(loc);
-                std::fs::write(&path, data)
-                    .map_err(|e| QuantError::io(format!("writing {}", path.display()), e))?;
+    let built = model::build(&[name], variant, &FolderSource::new(dir), &options)
+        .map_err(|e| e.to_string())?;
+    let out_dir = output.parent().unwrap_or(Path::new("."));
+    let mut written = Vec::new();
+    for file in built.files {
+        let target = if file.path == name {
+            output.to_owned()
+        } else {
+            out_dir.join(&file.path)
+        };
+        let result = match file.data {
+            OutputData::Memory(bytes) => std::fs::write(&target, bytes),
+            OutputData::File(path) => {
+                std::fs::rename(&path, &target).or_else(|_| std::fs::copy(&path, &target).map(drop))
             }
-            Ok(format!(
-                "{} weights rewritten, opset {}",
-                out.transformed, out.opset
-            ))
-        }
-        Format::Safetensors | Format::Gguf => {
-            let layout =
-                modelcache_quant::transform_file(input, output, format, variant, &provenance)?;
-            Ok(match layout {
-                Some(layout) => format!("{} tensors written", layout.tensors.len()),
-                None => "written".to_owned(),
-            })
-        }
+        };
+        result
+            .map_err(|e| QuantError::io(format!("writing {}", target.display()), e).to_string())?;
+        written.push(target.display().to_string());
     }
+    Ok(format!("{variant}: wrote {}", written.join(", ")))
 }
 
 fn main() -> ExitCode {

@@ -1,12 +1,16 @@
-//! Shared parts of the end-to-end suite: a real S3 server (`s3`), in-process nodes on
-//! `127.0.0.1:0`, the real binaries, and deterministic test data.
+//! The sandbox the end-to-end suite and the benchmark run in: a real S3 server (`s3`),
+//! in-process nodes on `127.0.0.1:0` (`TestNode`), temporary directories that live as long
+//! as the `Sandbox` that made them, the real binaries, and deterministic test data.
+//!
+//! A test usually starts with `Sandbox::start`, seeds models through the S3 API, and
+//! starts nodes with `Sandbox::node` (or `Sandbox::node_config` to change settings first).
 
 pub mod resnet;
 pub mod rng;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cache_node::registry::Registry;
@@ -98,6 +102,52 @@ fn bytesize_mib(n: u64) -> bytesize::ByteSize {
     bytesize::ByteSize::mib(n)
 }
 
+/// An S3 server with the `models` bucket, and temporary directories removed when the
+/// sandbox is dropped.
+pub struct Sandbox {
+    pub s3: S3Server,
+    dirs: Mutex<Vec<tempfile::TempDir>>,
+}
+
+impl Sandbox {
+    pub async fn start() -> Self {
+        Self {
+            s3: S3Server::start().await,
+            dirs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A sandbox whose origin holds `files` as model `name`.
+    pub async fn with_model(name: &str, files: &ModelFiles) -> Self {
+        let sandbox = Self::start().await;
+        sandbox.seed(name, files).await;
+        sandbox
+    }
+
+    /// Seeds `files` under `models/NAME/` through the S3 API.
+    pub async fn seed(&self, name: &str, files: &ModelFiles) {
+        seed(&self.s3, name, files).await;
+    }
+
+    /// A new empty directory, kept until the sandbox is dropped.
+    pub fn dir(&self) -> PathBuf {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        let path = dir.path().to_owned();
+        self.dirs.lock().expect("sandbox lock").push(dir);
+        path
+    }
+
+    /// A node's configuration against this sandbox's S3 server, with a cache dir of its own.
+    pub fn node_config(&self) -> Config {
+        node_config(&self.s3, &self.dir())
+    }
+
+    /// A node with `node_config()`, serving in this process.
+    pub async fn node(&self) -> TestNode {
+        TestNode::start(self.node_config()).await
+    }
+}
+
 /// A node serving in this process on `127.0.0.1:0`; shut down (and flushed) on `stop`
 /// or when dropped.
 pub struct TestNode {
@@ -126,6 +176,16 @@ impl TestNode {
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// What the node has counted so far.
+    pub fn stats(&self) -> cache_node::Stats {
+        self.registry.stats()
+    }
+
+    /// Waits until the node's background work (digests, variant builds) is done.
+    pub async fn idle(&self) {
+        self.registry.wait_idle().await;
     }
 
     /// Graceful shutdown: stops serving, finishes background work, flushes the disk tier.
@@ -245,7 +305,7 @@ pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ is inside the workspace")
+        .expect("testkit/ is inside the workspace")
         .to_path_buf()
 }
 

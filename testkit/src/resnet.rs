@@ -7,7 +7,7 @@
 //! per-channel handling is exercised.
 
 use bytes::Bytes;
-use modelcache_proto::onnx::{
+use modelcache_quant::onnx_proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto, tensor_proto, tensor_shape_proto,
     type_proto,

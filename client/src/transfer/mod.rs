@@ -1,0 +1,299 @@
+//! Prefetch: one model variant from a node into a verified local directory.
+//!
+//! The node's stream (manifest, then chunks in order) is checked message by message
+//! (`stream`); verified chunks go in order to a writer thread (`writer`), which records
+//! how far it got (`resume`) so an interrupted prefetch resumes there. Only a complete
+//! revision is published, by swapping a symlink (`Layout::install`, `Layout::publish`).
+
+mod resume;
+mod stream;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use modelcache_proto::v1::{self, ResolveRequest};
+use modelcache_proto::{Reference, check_file_paths};
+use tokio::sync::mpsc;
+
+use crate::error::{AgentError, Result};
+use crate::layout::{Layout, LocalFile, LocalManifest};
+use crate::node::NodeClient;
+use crate::progress::Progress;
+use resume::{DownloadState, normalize};
+use stream::Position;
+use writer::Target;
+
+/// Verified chunks queued for the writer.
+const WRITE_QUEUE: usize = 8;
+
+/// What a prefetch did.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub path: PathBuf,
+    pub revision: String,
+    pub total_size: u64,
+    /// Bytes received from the node in this run (0 when already present).
+    pub transferred: u64,
+}
+
+pub async fn prefetch(
+    client: &mut NodeClient,
+    layout: &Layout,
+    reference: &Reference,
+    progress: &Progress,
+) -> Result<Fetched> {
+    let manifest = resolve(client, reference, progress).await?;
+    let rev = manifest.revision.clone();
+    if let Some(fetched) = present(layout, reference, &manifest)? {
+        return Ok(fetched);
+    }
+
+    let previous = layout.current(reference).map(|m| m.revision);
+    let keep: Vec<&str> = [Some(rev.as_str()), previous.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    layout.prune(reference, &keep);
+
+    let partial = layout.partial_dir(reference, &rev);
+    let progress_path = layout.progress_file(reference, &rev);
+    let state = DownloadState::load(&progress_path, &manifest).unwrap_or_else(|| {
+        let _ = std::fs::remove_dir_all(&partial);
+        DownloadState::fresh(&manifest)
+    });
+    std::fs::create_dir_all(&partial)
+        .map_err(|e| AgentError::io(format!("creating {}", partial.display()), e))?;
+
+    let done = state.done_bytes(&manifest);
+    if done > 0 {
+        tracing::info!(%reference, revision = %rev, bytes = done, "resuming an interrupted download");
+    }
+    progress.start(reference, manifest.total_size, done);
+    let transferred = match receive(client, layout, reference, &manifest, state, progress).await {
+        Ok(n) => n,
+        Err(e) => {
+            progress.abandon();
+            // ENOSPC: nothing of the partial download is worth keeping.
+            if let AgentError::Io { source, .. } = &e
+                && source.kind() == std::io::ErrorKind::StorageFull
+            {
+                let _ = std::fs::remove_dir_all(&partial);
+                let _ = std::fs::remove_file(&progress_path);
+                return Err(AgentError::NoSpace {
+                    dir: layout.root().display().to_string(),
+                    context: format!("writing {reference}"),
+                });
+            }
+            return Err(e);
+        }
+    };
+    progress.finish();
+
+    let local = local_manifest(reference, &manifest, &progress_path)?;
+    layout.install(reference, &local, &partial)?;
+    let _ = std::fs::remove_file(&progress_path);
+    let path = layout.publish(reference, &rev)?;
+    layout.prune(reference, &keep);
+    tracing::info!(%reference, revision = %rev, bytes = transferred, path = %path.display(), "published");
+    Ok(Fetched {
+        path,
+        revision: rev,
+        total_size: local.total_size(),
+        transferred,
+    })
+}
+
+/// The node's manifest of `reference`, checked before anything is written.
+async fn resolve(
+    client: &mut NodeClient,
+    reference: &Reference,
+    progress: &Progress,
+) -> Result<v1::Manifest> {
+    progress.waiting(reference);
+    let resolved = client
+        .resolve(ResolveRequest {
+            reference: reference.to_string(),
+        })
+        .await;
+    // The bars take over from the spinner; clear it whatever comes next.
+    progress.finish();
+    let manifest = resolved?
+        .into_inner()
+        .manifest
+        .ok_or_else(|| protocol(reference, "Resolve returned no manifest"))?;
+    check_manifest(reference, &manifest)?;
+    tracing::info!(
+        %reference, revision = %manifest.revision, bytes = manifest.total_size,
+        files = manifest.files.len(), "resolved"
+    );
+    Ok(manifest)
+}
+
+/// The local copy at the manifest's revision, if one is complete (sizes checked, no
+/// re-hash): published already, or downloaded and published now.
+fn present(layout: &Layout, reference: &Reference, m: &v1::Manifest) -> Result<Option<Fetched>> {
+    let rev = &m.revision;
+    let fetched = |path| Fetched {
+        path,
+        revision: rev.clone(),
+        total_size: m.total_size,
+        transferred: 0,
+    };
+    if let Some(local) = layout.current(reference)
+        && local.revision == *rev
+        && layout.is_complete(reference, &local)
+    {
+        tracing::info!(%reference, revision = %rev, "already present; nothing to fetch");
+        return Ok(Some(fetched(layout.link(reference))));
+    }
+    let store = layout.store(reference);
+    std::fs::create_dir_all(&store)
+        .map_err(|e| AgentError::io(format!("creating {}", store.display()), e))?;
+    if let Ok(local) = layout.read_manifest(reference, rev)
+        && layout.is_complete(reference, &local)
+    {
+        return Ok(Some(fetched(layout.publish(reference, rev)?)));
+    }
+    Ok(None)
+}
+
+pub(super) fn protocol(reference: &Reference, detail: impl Into<String>) -> AgentError {
+    AgentError::Protocol {
+        reference: reference.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Rejects a manifest whose paths or sizes cannot be trusted, before anything is written.
+fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
+    check_file_paths(m.files.iter().map(|f| f.path.as_str())).map_err(|source| {
+        AgentError::UnsafePath {
+            reference: reference.to_string(),
+            source,
+        }
+    })?;
+    if m.chunk_size == 0 || m.chunk_size > modelcache_proto::wire::MAX_MESSAGE_SIZE as u64 {
+        return Err(protocol(
+            reference,
+            format!("chunk size {} out of range", m.chunk_size),
+        ));
+    }
+    if m.revision.is_empty() || !m.revision.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(protocol(
+            reference,
+            format!("revision {:?} is not a plain token", m.revision),
+        ));
+    }
+    if m.name != reference.name() || m.variant != reference.variant() {
+        return Err(protocol(
+            reference,
+            format!("manifest is for {}:{}", m.name, m.variant),
+        ));
+    }
+    for f in &m.files {
+        let chunks = f.size.div_ceil(m.chunk_size) as usize;
+        if !f.chunk_blake3.is_empty()
+            && (f.chunk_blake3.len() != chunks || f.chunk_blake3.iter().any(|d| d.len() != 32))
+        {
+            return Err(protocol(
+                reference,
+                format!("{}: wrong chunk digests", f.path),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives the rest of `m` from `state` on; returns the bytes received.
+async fn receive(
+    client: &mut NodeClient,
+    layout: &Layout,
+    reference: &Reference,
+    m: &v1::Manifest,
+    state: DownloadState,
+    progress: &Progress,
+) -> Result<u64> {
+    let (file, offset) = normalize(m, state.file, state.offset);
+    if file == m.files.len() {
+        return Ok(0);
+    }
+    let mut at = Position { file, offset };
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+    let writer = {
+        let target = Target {
+            dir: layout.partial_dir(reference, &m.revision),
+            progress: layout.progress_file(reference, &m.revision),
+            files: m.files.iter().map(|f| (f.path.clone(), f.size)).collect(),
+            chunk_size: m.chunk_size,
+        };
+        let state = DownloadState {
+            file,
+            offset,
+            ..state
+        };
+        tokio::task::spawn_blocking(move || writer::write_loop(rx, target, state))
+    };
+    let fetch = stream::open(client, reference, m, at).await?;
+    let mut chunks = std::pin::pin!(stream::hashed(fetch, reference));
+    let mut transferred = 0u64;
+    while let Some(result) = chunks.next().await {
+        let (chunk, digest) = result?;
+        let verified = stream::verify(reference, m, &mut at, chunk, digest)?;
+        let len = verified.data.len() as u64;
+        if tx.send(verified).await.is_err() {
+            break; // the writer stopped; its error is reported below
+        }
+        transferred += len;
+        progress.inc(len);
+        if at.file == m.files.len() {
+            break;
+        }
+    }
+    drop(tx);
+    writer
+        .await
+        .map_err(|e| AgentError::io("writer", std::io::Error::other(e)))??;
+    if at.file != m.files.len() {
+        return Err(AgentError::Unavailable {
+            message: format!(
+                "the node's stream for {reference} ended early, in {} at byte {}; run again to resume",
+                m.files[at.file].path, at.offset
+            ),
+        });
+    }
+    Ok(transferred)
+}
+
+/// The local manifest of a finished download: every file's size, the chunk digests the
+/// writer recorded, and the SHA-256 the node knew.
+fn local_manifest(
+    reference: &Reference,
+    m: &v1::Manifest,
+    progress_path: &Path,
+) -> Result<LocalManifest> {
+    let state = DownloadState::load_any(progress_path);
+    let mut files = Vec::with_capacity(m.files.len());
+    for (i, f) in m.files.iter().enumerate() {
+        let digests = state.chunk_blake3.get(i).cloned().unwrap_or_default();
+        if digests.len() as u64 != f.size.div_ceil(m.chunk_size) {
+            return Err(AgentError::Corrupt {
+                reference: reference.to_string(),
+                detail: format!("{} is incomplete after the transfer; run again", f.path),
+            });
+        }
+        files.push(LocalFile {
+            path: f.path.clone(),
+            size: f.size,
+            chunk_blake3: digests,
+            sha256: (!f.sha256.is_empty()).then(|| f.sha256.clone()),
+        });
+    }
+    Ok(LocalManifest {
+        name: m.name.clone(),
+        variant: m.variant.clone(),
+        revision: m.revision.clone(),
+        chunk_size: m.chunk_size,
+        files,
+    })
+}

@@ -1,0 +1,127 @@
+//! The node's `Fetch` stream as verified chunks: the manifest it starts with must be the
+//! revision being downloaded; each chunk's BLAKE3 is computed on the blocking pool, several
+//! chunks at once (so verification uses every core while bytes arrive), and checked
+//! against the digest sent with it and the one the manifest announced, and its place
+//! against the next one expected.
+
+use futures::{Stream, StreamExt};
+use modelcache_proto::Reference;
+use modelcache_proto::v1::{self, FetchRequest, fetch_response};
+
+use super::protocol;
+use super::resume::normalize;
+use super::writer::Verified;
+use crate::error::{AgentError, Result};
+use crate::node::NodeClient;
+
+/// Chunks being hashed at once; a little more than the cores so none waits for bytes.
+fn hash_pipeline_depth() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() * 2)
+}
+
+/// Where the next chunk must start: file index and byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Position {
+    pub file: usize,
+    pub offset: u64,
+}
+
+/// Opens `Fetch` for the revision of `m` from `at`; returns the stream after its manifest.
+pub(super) async fn open(
+    client: &mut NodeClient,
+    reference: &Reference,
+    m: &v1::Manifest,
+    at: Position,
+) -> Result<tonic::Streaming<v1::FetchResponse>> {
+    let request = FetchRequest {
+        reference: reference.to_string(),
+        file: m.files[at.file].path.clone(),
+        offset: at.offset,
+        revision: m.revision.clone(),
+    };
+    let mut stream = client.fetch(request).await?.into_inner();
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| protocol(reference, "stream ended before the manifest"))?;
+    match first.item {
+        Some(fetch_response::Item::Manifest(fm)) if fm.revision == m.revision => Ok(stream),
+        Some(fetch_response::Item::Manifest(fm)) => Err(AgentError::Aborted {
+            message: format!(
+                "{reference} changed to revision {} during the fetch; run again",
+                fm.revision
+            ),
+        }),
+        _ => Err(protocol(reference, "first message is not the manifest")),
+    }
+}
+
+/// The chunks of `stream` with their BLAKE3 digests, hashed several at a time, in order.
+pub(super) fn hashed<'a>(
+    stream: tonic::Streaming<v1::FetchResponse>,
+    reference: &'a Reference,
+) -> impl Stream<Item = Result<(v1::Chunk, [u8; 32])>> + 'a {
+    stream
+        .map(move |item| async move {
+            let chunk = match item?.item {
+                Some(fetch_response::Item::Chunk(c)) => c,
+                _ => return Err(protocol(reference, "expected a chunk after the manifest")),
+            };
+            tokio::task::spawn_blocking(move || {
+                let digest = *blake3::hash(&chunk.data).as_bytes();
+                (chunk, digest)
+            })
+            .await
+            .map_err(|e| AgentError::io("hashing", std::io::Error::other(e)))
+        })
+        .buffered(hash_pipeline_depth())
+}
+
+/// Checks a hashed chunk against the manifest and the position expected next; returns it
+/// as verified and moves `at` past it.
+pub(super) fn verify(
+    reference: &Reference,
+    m: &v1::Manifest,
+    at: &mut Position,
+    chunk: v1::Chunk,
+    digest: [u8; 32],
+) -> Result<Verified> {
+    let Position { file, offset } = *at;
+    let entry = &m.files[file];
+    let expected_len = (entry.size - offset).min(m.chunk_size);
+    if chunk.file_index as usize != file
+        || chunk.offset != offset
+        || chunk.data.len() as u64 != expected_len
+    {
+        return Err(protocol(
+            reference,
+            format!(
+                "expected {expected_len} bytes of {} at {offset}, got {} bytes of file #{} at {}",
+                entry.path,
+                chunk.data.len(),
+                chunk.file_index,
+                chunk.offset
+            ),
+        ));
+    }
+    let index = (offset / m.chunk_size) as usize;
+    let announced = entry.chunk_blake3.get(index).map(Vec::as_slice);
+    if chunk.blake3 != digest || announced.is_some_and(|d| d != digest) {
+        return Err(AgentError::Integrity {
+            reference: reference.to_string(),
+            path: entry.path.clone(),
+            offset,
+        });
+    }
+    let (next_file, next_offset) = normalize(m, file, offset + chunk.data.len() as u64);
+    *at = Position {
+        file: next_file,
+        offset: next_offset,
+    };
+    Ok(Verified {
+        file,
+        offset,
+        data: chunk.data,
+        digest,
+    })
+}

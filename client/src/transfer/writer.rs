@@ -1,0 +1,83 @@
+//! The writer: verified chunks, in order, into the partial directory, on a blocking
+//! thread, with the download's progress saved as it goes (every `PROGRESS_EVERY_BYTES` or
+//! `PROGRESS_EVERY`, whichever comes first, and at the end of every file).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::resume::DownloadState;
+use crate::error::{AgentError, Result};
+use crate::layout::open_for_write;
+
+const PROGRESS_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A verified chunk to write.
+pub(super) struct Verified {
+    pub file: usize,
+    pub offset: u64,
+    pub data: Bytes,
+    pub digest: [u8; 32],
+}
+
+/// Where the writer writes.
+pub(super) struct Target {
+    /// The partial directory.
+    pub dir: PathBuf,
+    /// Where progress is saved.
+    pub progress: PathBuf,
+    /// Each file's path and size.
+    pub files: Vec<(String, u64)>,
+    pub chunk_size: u64,
+}
+
+/// Writes the chunks `rx` brings, from `state` on; returns when the sender is dropped.
+pub(super) fn write_loop(
+    mut rx: mpsc::Receiver<Verified>,
+    target: Target,
+    mut state: DownloadState,
+) -> Result<()> {
+    let (resume_file, resume_offset) = (state.file, state.offset);
+    if let Some(list) = state.chunk_blake3.get_mut(resume_file) {
+        list.truncate((resume_offset / target.chunk_size) as usize);
+    }
+    for list in state.chunk_blake3.iter_mut().skip(resume_file + 1) {
+        list.clear();
+    }
+    let mut saved_at = 0u64;
+    let mut saved_when = std::time::Instant::now();
+    let mut written = 0u64;
+    let mut open: Option<(usize, File)> = None;
+    while let Some(chunk) = rx.blocking_recv() {
+        let file = chunk.file;
+        let path = target.dir.join(&target.files[file].0);
+        if open.as_ref().is_none_or(|(f, _)| *f != file) {
+            let resuming = file == resume_file && resume_offset > 0;
+            open = Some((file, open_for_write(&path, resume_offset, resuming)?));
+        }
+        let (_, handle) = open.as_mut().expect("opened above");
+        handle
+            .seek(SeekFrom::Start(chunk.offset))
+            .and_then(|_| handle.write_all(&chunk.data))
+            .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))?;
+        state.chunk_blake3[file].push(hex::encode(chunk.digest));
+        written += chunk.data.len() as u64;
+        (state.file, state.offset) = (file, chunk.offset + chunk.data.len() as u64);
+        if state.offset == target.files[file].1 {
+            state.file += 1;
+            state.offset = 0;
+        }
+        let due =
+            written - saved_at >= PROGRESS_EVERY_BYTES || saved_when.elapsed() >= PROGRESS_EVERY;
+        if due || state.offset == 0 {
+            state.save(&target.progress)?;
+            saved_at = written;
+            saved_when = std::time::Instant::now();
+        }
+    }
+    state.save(&target.progress)
+}

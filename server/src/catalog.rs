@@ -1,0 +1,216 @@
+//! Which revision of each model a node serves: a model's name resolves to its current
+//! revision, re-listed in the origin once the cached one is older than
+//! `--revalidate-after` (concurrent revalidations share one listing). When the origin
+//! cannot be listed, the cached revision keeps being served (stale-if-error, with the
+//! reason). Saved manifests restore the catalog at startup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::manifest::{ManifestStore, Revision, revision_id};
+use crate::origin::Origin;
+
+/// What a name resolved to.
+#[derive(Clone)]
+pub struct Resolved {
+    pub revision: Arc<Revision>,
+    /// Set when the origin could not be re-listed and a cached revision is served.
+    pub stale_reason: Option<String>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    current: Option<Arc<Revision>>,
+    validated_at: Option<Instant>,
+    stale_reason: Option<String>,
+}
+
+/// One model's state; `refresh` makes concurrent revalidations share one listing.
+#[derive(Default)]
+struct ModelSlot {
+    state: Mutex<SlotState>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl ModelSlot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().expect("model slot lock poisoned")
+    }
+}
+
+pub struct Catalog {
+    origin: Arc<Origin>,
+    manifests: Arc<ManifestStore>,
+    revalidate_after: Duration,
+    models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+}
+
+impl Catalog {
+    /// A catalog of the originals saved in `manifests`; returns it with the saved variants
+    /// whose original it still has (the others' manifests are removed).
+    pub fn open(
+        origin: Arc<Origin>,
+        manifests: Arc<ManifestStore>,
+        revalidate_after: Duration,
+    ) -> (Self, Vec<Revision>) {
+        let (originals, built): (Vec<Revision>, Vec<Revision>) = manifests
+            .load_all()
+            .into_iter()
+            .partition(Revision::is_original);
+        let variants = built
+            .into_iter()
+            .filter(|rev| {
+                let kept = originals
+                    .iter()
+                    .any(|o| o.name == rev.name && Some(&o.id) == rev.source.as_ref());
+                if !kept {
+                    manifests.remove(&rev.name, &rev.variant);
+                }
+                kept
+            })
+            .collect();
+        let mut models = HashMap::new();
+        for rev in originals {
+            // A revision the origin confirmed less than `revalidate_after` ago is trusted
+            // for the rest of that time: a restarted node serves without asking the origin.
+            let validated_at = rev
+                .confirmed_ago()
+                .filter(|ago| *ago < revalidate_after)
+                .and_then(|ago| Instant::now().checked_sub(ago));
+            let slot = ModelSlot {
+                state: Mutex::new(SlotState {
+                    validated_at,
+                    ..SlotState::default()
+                }),
+                ..ModelSlot::default()
+            };
+            let name = rev.name.clone();
+            slot.state().current = Some(Arc::new(rev));
+            models.insert(name, Arc::new(slot));
+        }
+        let catalog = Self {
+            origin,
+            manifests,
+            revalidate_after,
+            models: Mutex::new(models),
+        };
+        (catalog, variants)
+    }
+
+    fn slot(&self, name: &str) -> Arc<ModelSlot> {
+        let mut models = self.models.lock().expect("catalog lock poisoned");
+        models.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The revision to serve for model `name`.
+    pub async fn resolve(&self, name: &str) -> Result<Resolved> {
+        let slot = self.slot(name);
+        if let Some(fresh) = self.fresh(&slot) {
+            return Ok(fresh);
+        }
+        let _refresh = slot.refresh.lock().await;
+        if let Some(fresh) = self.fresh(&slot) {
+            return Ok(fresh);
+        }
+        let listed = self.list(name).await;
+        let mut state = slot.state();
+        match listed {
+            Ok(files) => {
+                let revision = match state.current.as_ref() {
+                    Some(cur) if cur.id == revision_id(&files) => {
+                        cur.confirm();
+                        cur.clone()
+                    }
+                    previous => {
+                        let rev = Arc::new(Revision::new(name, files, previous.map(|p| &**p)));
+                        rev.confirm();
+                        if let Err(e) = self.manifests.save(&rev) {
+                            tracing::warn!(model = name, "could not save manifest: {e}");
+                        }
+                        tracing::info!(model = name, revision = %rev.id, "new revision");
+                        rev
+                    }
+                };
+                state.current = Some(revision.clone());
+                state.validated_at = Some(Instant::now());
+                state.stale_reason = None;
+                Ok(Resolved {
+                    revision,
+                    stale_reason: None,
+                })
+            }
+            Err(e @ (Error::ModelNotFound { .. } | Error::UnsafeModelPath { .. })) => {
+                if state.current.take().is_some() {
+                    self.manifests
+                        .remove(name, modelcache_proto::reference::ORIGINAL);
+                }
+                Err(e)
+            }
+            Err(e) => match state.current.clone() {
+                Some(revision) => {
+                    let reason = e.to_string();
+                    tracing::warn!(model = name, "serving cached revision: {reason}");
+                    state.validated_at = Some(Instant::now());
+                    state.stale_reason = Some(reason.clone());
+                    Ok(Resolved {
+                        revision,
+                        stale_reason: Some(reason),
+                    })
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// The model's files as the origin lists them, their paths checked.
+    async fn list(&self, name: &str) -> Result<Vec<crate::origin::OriginFile>> {
+        let files = self.origin.list_model(name).await?;
+        modelcache_proto::check_file_paths(files.iter().map(|f| f.path.as_str())).map_err(
+            |source| Error::UnsafeModelPath {
+                name: name.to_owned(),
+                origin: self.origin.display().to_owned(),
+                source,
+            },
+        )?;
+        Ok(files)
+    }
+
+    fn fresh(&self, slot: &ModelSlot) -> Option<Resolved> {
+        let state = slot.state();
+        let validated = state.validated_at?;
+        if validated.elapsed() > self.revalidate_after {
+            return None;
+        }
+        Some(Resolved {
+            revision: state.current.clone()?,
+            stale_reason: state.stale_reason.clone(),
+        })
+    }
+
+    /// The current revision of every model the node has.
+    pub fn cached(&self) -> Vec<Arc<Revision>> {
+        let models = self.models.lock().expect("catalog lock poisoned");
+        models
+            .values()
+            .filter_map(|slot| slot.state().current.clone())
+            .collect()
+    }
+
+    /// Names of the models in the origin and of those cached, sorted; only the cached ones
+    /// when the origin cannot be listed.
+    pub async fn names(&self) -> Vec<String> {
+        let mut names = match self.origin.list_models().await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!("listing origin failed, listing cached models only: {e}");
+                Vec::new()
+            }
+        };
+        names.extend(self.cached().iter().map(|r| r.name.clone()));
+        names.sort();
+        names.dedup();
+        names
+    }
+}

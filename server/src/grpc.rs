@@ -1,0 +1,60 @@
+//! The gRPC server: HTTP/2 sized for bulk streams, the tower stack every RPC passes
+//! through (`layers`), and the services: health, reflection, and `ModelCache` (with
+//! `Fetch` framed by `wire`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelcache_proto::v1::model_cache_server::ModelCacheServer;
+use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::service::NodeService;
+use crate::{layers, wire};
+
+/// Serves `registry` on `listener` until `shutdown` completes, then stops accepting and
+/// cuts open streams.
+pub async fn serve(
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener address", e))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "authentication is OFF and this node listens beyond loopback: anyone who can \
+             reach {addr} can read every model in the origin"
+        );
+    }
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ModelCacheServer<NodeService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(modelcache_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let stats = registry.node_stats().clone();
+    tracing::info!(%addr, origin = registry.origin(), "cache-node serving");
+    let service = wire::ModelCacheService::new(NodeService::new(registry), MAX_MESSAGE_SIZE);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(layers::stack(stats))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Config(format!("gRPC server: {e}")))
+}
