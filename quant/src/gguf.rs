@@ -275,29 +275,9 @@ pub fn read_header<R: Read>(input: R, len: u64) -> Result<Header> {
             })?,
         None => DEFAULT_ALIGNMENT,
     };
-    let mut tensors = Vec::with_capacity(tensor_count as usize);
-    for _ in 0..tensor_count {
-        let name = String::from_utf8_lossy(&src.string("a tensor name")?).into_owned();
-        let n_dims = src.u32("a tensor's dimension count")?;
-        if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(QuantError::invalid(format!(
-                "tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-            )));
-        }
-        let dims = (0..n_dims)
-            .map(|_| src.u64("a tensor dimension"))
-            .collect::<Result<Vec<_>>>()?;
-        let ggml_type = src.u32("a tensor type")?;
-        let offset = src.u64("a tensor offset")?;
-        let size = tensor_size(&name, &dims, ggml_type)?;
-        tensors.push(TensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-            size,
-        });
-    }
+    let tensors = (0..tensor_count)
+        .map(|_| read_tensor_info(&mut src))
+        .collect::<Result<Vec<_>>>()?;
     let data_start = src.pos.next_multiple_of(alignment);
     for t in &tensors {
         if t.offset % alignment != 0 {
@@ -322,6 +302,30 @@ pub fn read_header<R: Read>(input: R, len: u64) -> Result<Header> {
         tensors,
         alignment,
         data_start,
+    })
+}
+
+/// One tensor's info: name, dimensions, type and offset, with its size in bytes.
+fn read_tensor_info<R: Read>(src: &mut Src<R>) -> Result<TensorInfo> {
+    let name = String::from_utf8_lossy(&src.string("a tensor name")?).into_owned();
+    let n_dims = src.u32("a tensor's dimension count")?;
+    if n_dims == 0 || n_dims > MAX_DIMS {
+        return Err(QuantError::invalid(format!(
+            "tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+        )));
+    }
+    let dims = (0..n_dims)
+        .map(|_| src.u64("a tensor dimension"))
+        .collect::<Result<Vec<_>>>()?;
+    let ggml_type = src.u32("a tensor type")?;
+    let offset = src.u64("a tensor offset")?;
+    let size = tensor_size(&name, &dims, ggml_type)?;
+    Ok(TensorInfo {
+        name,
+        dims,
+        ggml_type,
+        offset,
+        size,
     })
 }
 

@@ -79,63 +79,10 @@ pub fn read_header<R: Read>(mut input: R, len: u64) -> Result<Header> {
     let mut tensors = Vec::new();
     for (name, entry) in json {
         if name == "__metadata__" {
-            let map = entry
-                .as_object()
-                .ok_or_else(|| QuantError::invalid("__metadata__ is not an object"))?;
-            for (k, v) in map {
-                let v = v.as_str().ok_or_else(|| {
-                    QuantError::invalid(format!("__metadata__.{k} is not a string"))
-                })?;
-                metadata.insert(k.clone(), v.to_owned());
-            }
-            continue;
+            metadata = read_metadata(&entry)?;
+        } else {
+            tensors.push(read_tensor(name, &entry, data_len)?);
         }
-        let bad = |why: &str| QuantError::invalid(format!("tensor {name:?}: {why}"));
-        let dtype = entry
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("no dtype"))?
-            .to_owned();
-        let size = dtype_size(&dtype).ok_or_else(|| bad(&format!("unknown dtype {dtype}")))?;
-        let shape = entry
-            .get("shape")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("no shape"))?
-            .iter()
-            .map(|d| {
-                d.as_u64()
-                    .ok_or_else(|| bad("shape is not a list of sizes"))
-            })
-            .collect::<Result<Vec<u64>>>()?;
-        let offsets = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .filter(|o| o.len() == 2)
-            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
-            .ok_or_else(|| bad("data_offsets is not [begin, end]"))?;
-        let bytes = shape
-            .iter()
-            .try_fold(size, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows"))?;
-        let (begin, end) = offsets;
-        if begin > end || end > data_len {
-            return Err(bad(&format!(
-                "data_offsets [{begin}, {end}] lie outside the {data_len}-byte data section"
-            )));
-        }
-        if end - begin != bytes {
-            return Err(bad(&format!(
-                "data_offsets cover {} bytes but {dtype} {shape:?} needs {bytes}",
-                end - begin
-            )));
-        }
-        tensors.push(Tensor {
-            name,
-            dtype,
-            shape,
-            begin,
-            end,
-        });
     }
     tensors.sort_by_key(|t| (t.begin, t.end));
     for pair in tensors.windows(2) {
@@ -150,6 +97,71 @@ pub fn read_header<R: Read>(mut input: R, len: u64) -> Result<Header> {
         metadata,
         tensors,
         data_start,
+    })
+}
+
+/// The `__metadata__` entry: a map of strings.
+fn read_metadata(entry: &Value) -> Result<BTreeMap<String, String>> {
+    let map = entry
+        .as_object()
+        .ok_or_else(|| QuantError::invalid("__metadata__ is not an object"))?;
+    map.iter()
+        .map(|(k, v)| {
+            let v = v
+                .as_str()
+                .ok_or_else(|| QuantError::invalid(format!("__metadata__.{k} is not a string")))?;
+            Ok((k.clone(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// One tensor's entry, checked against the `data_len`-byte data section: a known dtype,
+/// a shape whose size does not overflow, and offsets that cover exactly that size.
+fn read_tensor(name: String, entry: &Value, data_len: u64) -> Result<Tensor> {
+    let bad = |why: &str| QuantError::invalid(format!("tensor {name:?}: {why}"));
+    let dtype = entry
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no dtype"))?
+        .to_owned();
+    let size = dtype_size(&dtype).ok_or_else(|| bad(&format!("unknown dtype {dtype}")))?;
+    let shape = entry
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no shape"))?
+        .iter()
+        .map(|d| {
+            d.as_u64()
+                .ok_or_else(|| bad("shape is not a list of sizes"))
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    let (begin, end) = entry
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .filter(|o| o.len() == 2)
+        .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+        .ok_or_else(|| bad("data_offsets is not [begin, end]"))?;
+    let bytes = shape
+        .iter()
+        .try_fold(size, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows"))?;
+    if begin > end || end > data_len {
+        return Err(bad(&format!(
+            "data_offsets [{begin}, {end}] lie outside the {data_len}-byte data section"
+        )));
+    }
+    if end - begin != bytes {
+        return Err(bad(&format!(
+            "data_offsets cover {} bytes but {dtype} {shape:?} needs {bytes}",
+            end - begin
+        )));
+    }
+    Ok(Tensor {
+        name,
+        dtype,
+        shape,
+        begin,
+        end,
     })
 }
 
