@@ -261,6 +261,7 @@ impl ChunkCache {
     }
 
     /// Reads a chunk from the disk tier alone (tests use this to prove persistence).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub async fn load_from_disk(&self, key: &ChunkKey) -> Result<Option<ChunkValue>> {
         match self.hybrid.storage().load(key).await {
             Ok(foyer::Load::Entry { value, .. }) => Ok(Some(value)),
@@ -271,6 +272,7 @@ impl ChunkCache {
     }
 
     /// Empties the memory tier (tests use it to force reads from disk).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn clear_memory(&self) {
         self.hybrid.memory().clear();
     }
