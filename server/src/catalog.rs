@@ -40,11 +40,21 @@ impl ModelSlot {
     }
 }
 
+/// How long "no such model" is remembered (at most `--revalidate-after`): a name asked for
+/// again at once costs no LIST, and a model that appears is found a moment later.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// Most names remembered as missing; beyond it, the oldest are forgotten.
+const NEGATIVE_CAPACITY: usize = 10_000;
+
 pub struct Catalog {
     origin: Arc<Origin>,
     manifests: Arc<ManifestStore>,
     revalidate_after: Duration,
+    /// Models this node has a revision of (or is listing now); none for names that do not
+    /// exist.
     models: Mutex<HashMap<String, Arc<ModelSlot>>>,
+    /// Names the origin just said are no model: when, and the hint it gave.
+    missing: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl Catalog {
@@ -95,6 +105,7 @@ impl Catalog {
             manifests,
             revalidate_after,
             models: Mutex::new(models),
+            missing: Mutex::new(HashMap::new()),
         };
         (catalog, variants)
     }
@@ -106,6 +117,9 @@ impl Catalog {
 
     /// The revision to serve for model `name`.
     pub async fn resolve(&self, name: &str) -> Result<Resolved> {
+        if let Some(missing) = self.known_missing(name) {
+            return Err(missing);
+        }
         let slot = self.slot(name);
         if let Some(fresh) = self.fresh(&slot) {
             return Ok(fresh);
@@ -146,6 +160,11 @@ impl Catalog {
                     self.manifests
                         .remove(name, modelcache_proto::reference::ORIGINAL);
                 }
+                drop(state);
+                self.forget(name, &slot);
+                if let Error::ModelNotFound { hint, .. } = &e {
+                    self.remember_missing(name, hint);
+                }
                 Err(e)
             }
             Err(e) => match state.current.clone() {
@@ -161,6 +180,57 @@ impl Catalog {
                 }
                 None => Err(e),
             },
+        }
+    }
+
+    /// No state is kept for a name that is no model (its slot goes once nobody else holds it).
+    fn forget(&self, name: &str, slot: &Arc<ModelSlot>) {
+        let mut models = self.models.lock().expect("catalog lock poisoned");
+        if let Some(kept) = models.get(name)
+            && Arc::ptr_eq(kept, slot)
+            && kept.state().current.is_none()
+        {
+            models.remove(name);
+        }
+    }
+
+    fn known_missing(&self, name: &str) -> Option<Error> {
+        let ttl = NEGATIVE_TTL.min(self.revalidate_after);
+        let missing = self.missing.lock().expect("catalog lock poisoned");
+        let (at, hint) = missing.get(name)?;
+        (at.elapsed() < ttl).then(|| Error::ModelNotFound {
+            name: name.to_owned(),
+            origin: self.origin.display().to_owned(),
+            hint: hint.clone(),
+        })
+    }
+
+    fn remember_missing(&self, name: &str, hint: &str) {
+        let ttl = NEGATIVE_TTL.min(self.revalidate_after);
+        if ttl.is_zero() {
+            return;
+        }
+        let mut missing = self.missing.lock().expect("catalog lock poisoned");
+        if missing.len() >= NEGATIVE_CAPACITY {
+            missing.retain(|_, (at, _)| at.elapsed() < ttl);
+            if missing.len() >= NEGATIVE_CAPACITY {
+                missing.clear();
+            }
+        }
+        missing.insert(name.to_owned(), (Instant::now(), hint.to_owned()));
+    }
+
+    /// How many models the catalog holds state for.
+    pub fn model_count(&self) -> usize {
+        self.models.lock().expect("catalog lock poisoned").len()
+    }
+
+    /// Makes the next `resolve` of `name` list the origin again: a ranged read saw that a
+    /// file changed or went away, so the revision served is out of date.
+    pub fn invalidate(&self, name: &str) {
+        let models = self.models.lock().expect("catalog lock poisoned");
+        if let Some(slot) = models.get(name) {
+            slot.state().validated_at = None;
         }
     }
 

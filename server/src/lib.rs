@@ -18,6 +18,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chunks;
 pub mod config;
+pub mod dirlock;
 pub mod error;
 pub mod finisher;
 pub mod grpc;

@@ -49,6 +49,9 @@ pub struct Origin {
     prefix: Path,
     /// How the origin is named in messages, e.g. `s3://models` or `/srv/models`.
     display: String,
+    /// For a local-directory origin, its root with every symlink resolved: nothing outside
+    /// it is ever listed or served.
+    local_root: Option<std::path::PathBuf>,
     counters: OriginCounters,
 }
 
@@ -124,11 +127,11 @@ impl Origin {
         }
         let store = LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| Error::Config(format!("origin {}: {e}", dir.display())))?;
-        Ok(Self::new(
-            Arc::new(store),
-            Path::default(),
-            &dir.display().to_string(),
-        ))
+        let root = std::fs::canonicalize(&dir)
+            .map_err(|e| Error::io(format!("origin {}", dir.display()), e))?;
+        let mut origin = Self::new(Arc::new(store), Path::default(), &dir.display().to_string());
+        origin.local_root = Some(root);
+        Ok(origin)
     }
 
     /// Wraps any `ObjectStore` (tests use this to count or break requests).
@@ -137,6 +140,7 @@ impl Origin {
             store,
             prefix,
             display: display.to_owned(),
+            local_root: None,
             counters: OriginCounters::default(),
         }
     }
@@ -161,6 +165,7 @@ impl Origin {
     /// Lists the files of model `name`. A folder with no file of its own is not a model.
     pub async fn list_model(&self, name: &str) -> Result<Vec<OriginFile>> {
         let prefix = self.model_prefix(name);
+        self.check_local_root(name)?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let objects: Vec<_> = self
             .store
@@ -173,11 +178,8 @@ impl Origin {
             let Some(rel) = meta.location.prefix_match(&prefix) else {
                 continue;
             };
-            let path = rel
-                .map(|p| p.as_ref().to_owned())
-                .collect::<Vec<_>>()
-                .join("/");
-            if path.is_empty() {
+            let path = self.names(rel).join("/");
+            if path.is_empty() || !self.inside_root(&meta.location) {
                 continue;
             }
             files.push(OriginFile {
@@ -216,6 +218,7 @@ impl Origin {
 
     /// Names of every model in the origin (folders that directly hold a file).
     pub async fn list_models(&self) -> Result<Vec<String>> {
+        self.check_local_root("*")?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let objects: Vec<_> = self
@@ -229,7 +232,10 @@ impl Origin {
             let Some(rel) = meta.location.prefix_match(&self.prefix) else {
                 continue;
             };
-            let parts: Vec<_> = rel.map(|p| p.as_ref().to_owned()).collect();
+            if !self.inside_root(&meta.location) {
+                continue;
+            }
+            let parts = self.names(rel);
             if parts.len() >= 2 {
                 let name = parts[..parts.len() - 1].join("/");
                 if modelcache_proto::Reference::parse(&name).is_ok() {
@@ -260,10 +266,7 @@ impl Origin {
         file: &OriginFile,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
-        let location = file
-            .path
-            .split('/')
-            .fold(self.model_prefix(name), |p, s| p.join(s));
+        let location = self.location(name, &file.path)?;
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
             ..Default::default()
@@ -330,6 +333,77 @@ impl Origin {
             });
         }
         Ok(bytes)
+    }
+
+    /// The names of an object path's segments as a model's files are called: as the
+    /// store lists them (S3 keys and local file names alike, `#`, `%`, `ü` included).
+    fn names<'a>(
+        &self,
+        parts: impl Iterator<Item = object_store::path::PathPart<'a>>,
+    ) -> Vec<String> {
+        parts.map(|p| p.as_ref().to_owned()).collect()
+    }
+
+    /// Where file `path` of model `name` is read from: the path the listing gave, parsed
+    /// as it is. (Joining its segments would percent-encode them a second time and ask for
+    /// another object: `a#b` became `a%23b`.)
+    fn location(&self, name: &str, path: &str) -> Result<Path> {
+        let prefix = self.prefix.as_ref();
+        let key = if prefix.is_empty() {
+            format!("{name}/{path}")
+        } else {
+            format!("{prefix}/{name}/{path}")
+        };
+        Path::parse(&key).map_err(|e| Error::Origin {
+            origin: self.display.clone(),
+            detail: format!("{name}/{path} is not a usable object key: {e}"),
+        })
+    }
+
+    /// A local origin whose root is gone (unmounted, renamed, removed) is an outage, not
+    /// the deletion of every model: the node keeps serving what it has, stale.
+    fn check_local_root(&self, name: &str) -> Result<()> {
+        match &self.local_root {
+            Some(root) if !root.is_dir() => Err(Error::OriginUnavailable {
+                origin: self.display.clone(),
+                name: name.to_owned(),
+                detail: format!(
+                    "the origin directory {} is gone (unmounted, renamed or removed)",
+                    root.display()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether an object of a local origin lies inside its root once every symlink is
+    /// resolved. A link that leaves the root (or leads nowhere) is skipped with a warning
+    /// naming it: a local origin never serves a file outside its directory.
+    fn inside_root(&self, location: &Path) -> bool {
+        let Some(root) = &self.local_root else {
+            return true;
+        };
+        let path = self
+            .names(location.parts())
+            .iter()
+            .fold(root.clone(), |p, s| p.join(s));
+        match std::fs::canonicalize(&path) {
+            Ok(real) if real.starts_with(root) => true,
+            Ok(real) => {
+                tracing::warn!(
+                    origin = %self.display, path = %path.display(), target = %real.display(),
+                    "skipping a symlink that leaves the origin directory"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    origin = %self.display, path = %path.display(),
+                    "skipping a file that cannot be resolved: {e}"
+                );
+                false
+            }
+        }
     }
 
     /// Turns an `object_store` error into one a caller can act on.

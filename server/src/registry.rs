@@ -16,6 +16,7 @@ use crate::cache::{ChunkCache, Tier};
 use crate::catalog::{Catalog, Resolved};
 use crate::chunks::{ChunkRead, ChunkReader};
 use crate::config::Config;
+use crate::dirlock::DirLock;
 use crate::error::{Error, Result};
 use crate::finisher::Finisher;
 use crate::manifest::{ManifestStore, Revision};
@@ -81,6 +82,8 @@ pub struct Warmed {
 }
 
 pub struct Registry {
+    /// The cache dir is this node's while the registry lives.
+    _lock: DirLock,
     catalog: Catalog,
     reader: Arc<ChunkReader>,
     variants: Arc<VariantBuilder>,
@@ -94,6 +97,8 @@ impl Registry {
     /// Opens the tiers under `config.cache_dir`, loads the manifests saved there, and
     /// composes the node's parts over `origin`.
     pub async fn open(config: &Config, origin: Origin) -> Result<Self> {
+        // Before anything is created in the cache dir: a refused start leaves nothing.
+        let lock = DirLock::acquire(&config.cache_dir)?;
         let memory = config.memory_capacity.as_u64();
         let originals = ChunkCache::open(
             &config.cache_dir.join("tiers"),
@@ -152,6 +157,7 @@ impl Registry {
             manifests,
             background,
             stats,
+            _lock: lock,
         })
     }
 
@@ -292,7 +298,17 @@ impl Registry {
                 self.rebuild(rev).await.map_err(|_| e)?;
                 self.reader.read(rev, file, index).await
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // The origin holds another version of a file: the next resolve lists it
+                // again, so the client's retry gets the new revision at once.
+                if matches!(
+                    e.root(),
+                    Error::OriginChanged { .. } | Error::OriginFileGone { .. }
+                ) {
+                    self.catalog.invalidate(&rev.name);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -409,6 +425,11 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// How many models the node holds state for (names that are no model leave none).
+    pub fn known_models(&self) -> usize {
+        self.catalog.model_count()
     }
 
     /// Waits until the background work started so far (digests, builds) has ended.

@@ -98,6 +98,15 @@ pub fn node_config(s3: &S3Server, cache_dir: &Path) -> Config {
     config
 }
 
+/// A node's configuration against the local-directory origin `origin`, with small tiers.
+pub fn local_config(origin: &Path, cache_dir: &Path) -> Config {
+    let mut config = Config::with_origin(&origin.display().to_string(), cache_dir);
+    config.memory_capacity = bytesize_mib(256);
+    config.disk_capacity = bytesize_mib(256);
+    config.variant_capacity = bytesize_mib(128);
+    config
+}
+
 fn bytesize_mib(n: u64) -> bytesize::ByteSize {
     bytesize::ByteSize::mib(n)
 }
@@ -140,6 +149,12 @@ impl Sandbox {
     /// A node's configuration against this sandbox's S3 server, with a cache dir of its own.
     pub fn node_config(&self) -> Config {
         node_config(&self.s3, &self.dir())
+    }
+
+    /// A node's configuration against the local-directory origin `origin`, with a cache
+    /// dir of its own.
+    pub fn local_config(&self, origin: &Path) -> Config {
+        local_config(origin, &self.dir())
     }
 
     /// A node with `node_config()`, serving in this process.

@@ -142,6 +142,17 @@ impl S3Server {
             .unwrap()
     }
 
+    /// Uploads `data` (small) under exactly `key`, whatever characters it holds
+    /// (`put` names objects the way `object_store` encodes paths).
+    pub async fn put_key(&self, key: &str, data: &[u8]) {
+        let path = Path::parse(key).unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        self.client()
+            .put(&path, Bytes::copy_from_slice(data).into())
+            .await
+            .unwrap();
+        self.tap.reset();
+    }
+
     /// Uploads `data` as `key` (multipart above 8 MiB, like the common clients).
     pub async fn put(&self, key: &str, data: &[u8]) {
         let client = self.client();

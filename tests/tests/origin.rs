@@ -1,0 +1,246 @@
+//! The origin boundary and what a node does when the origin changes under it: names with
+//! any character, symlinks of a local origin, a local origin that disappears, a model
+//! updated in the middle of transfers, and one node per cache directory.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cache_agent::{AgentError, Progress};
+use modelcache_proto::Reference;
+use modelcache_proto::v1::ResolveRequest;
+use modelcache_testkit::*;
+use tonic::Code;
+
+const MIB: usize = 1024 * 1024;
+
+fn r(s: &str) -> Reference {
+    Reference::parse(s).unwrap()
+}
+
+/// Files whose names `object_store` percent-encodes, and one that looks encoded already.
+fn odd_names() -> ModelFiles {
+    vec![
+        ("naïve ü.bin".into(), data(1, 3 * MIB)),
+        ("a#b?c.txt".into(), b"hash and question".to_vec()),
+        ("100%.json".into(), b"{\"p\":1}".to_vec()),
+        ("sub dir/%41.txt".into(), b"not an A".to_vec()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_name_fetches_from_s3_and_from_a_local_origin() {
+    let sandbox = Sandbox::start().await;
+    let files = odd_names();
+    for (path, bytes) in &files {
+        sandbox.s3.put_key(&format!("odd/{path}"), bytes).await;
+    }
+    let node = sandbox.node().await;
+    let (_dir, fetched) = node.prefetch_fresh("odd").await;
+    assert_same_files(&fetched.path, &files);
+    node.stop().await;
+
+    let origin = sandbox.dir();
+    for (path, bytes) in &files {
+        let file = origin.join("odd").join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    }
+    let node = TestNode::start(sandbox.local_config(&origin)).await;
+    let (_dir, fetched) = node.prefetch_fresh("odd").await;
+    assert_same_files(&fetched.path, &files);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_origin_never_serves_what_its_symlinks_point_to_outside_it() {
+    let sandbox = Sandbox::start().await;
+    let origin = sandbox.dir();
+    let outside = sandbox.dir();
+    std::fs::write(outside.join("secret"), b"outside the origin").unwrap();
+    std::fs::create_dir_all(outside.join("etc")).unwrap();
+    std::fs::write(outside.join("etc/passwd"), b"root:x:0:0").unwrap();
+    let model = origin.join("m");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("model.bin"), data(2, 1000)).unwrap();
+    std::fs::write(origin.join("shared.bin"), b"inside the origin").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), model.join("leak")).unwrap();
+    std::os::unix::fs::symlink(outside.join("etc"), model.join("etc")).unwrap();
+    // A link that stays inside the origin is served.
+    std::os::unix::fs::symlink(origin.join("shared.bin"), model.join("inside")).unwrap();
+    // A folder of links only is no model at all.
+    std::fs::create_dir_all(origin.join("linked")).unwrap();
+    std::os::unix::fs::symlink(outside.join("etc"), origin.join("linked/etc")).unwrap();
+
+    let node = TestNode::start(sandbox.local_config(&origin)).await;
+    let mut client = node.client().await;
+    let manifest = client
+        .resolve(ResolveRequest {
+            reference: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .manifest
+        .unwrap();
+    let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["inside", "model.bin"]);
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
+    assert_same_files(
+        &fetched.path,
+        &vec![
+            ("inside".into(), b"inside the origin".to_vec()),
+            ("model.bin".into(), data(2, 1000)),
+        ],
+    );
+    let status = client
+        .resolve(ResolveRequest {
+            reference: "linked/etc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let models = node.agent(&sandbox.dir()).models().await.unwrap();
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("linked")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_origin_that_disappears_is_an_outage_not_a_deletion() {
+    let sandbox = Sandbox::start().await;
+    let root = sandbox.dir();
+    let origin = root.join("models");
+    let files: ModelFiles = vec![("model.onnx".into(), data(3, 3 * MIB))];
+    std::fs::create_dir_all(origin.join("resnet50")).unwrap();
+    std::fs::write(origin.join("resnet50/model.onnx"), &files[0].1).unwrap();
+    let mut config = sandbox.local_config(&origin);
+    config.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config).await;
+    node.prefetch_fresh("resnet50").await;
+
+    // Unmounted or renamed: the node serves what it has, flagged stale, and keeps it.
+    std::fs::rename(&origin, root.join("moved")).unwrap();
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
+    assert_same_files(&fetched.path, &files);
+    let manifest = node
+        .agent(&sandbox.dir())
+        .stat(&r("resnet50"))
+        .await
+        .unwrap();
+    assert!(manifest.stale, "{manifest:?}");
+    assert!(
+        manifest.stale_reason.contains("is gone"),
+        "{}",
+        manifest.stale_reason
+    );
+    std::fs::rename(root.join("moved"), &origin).unwrap();
+    let manifest = node
+        .agent(&sandbox.dir())
+        .stat(&r("resnet50"))
+        .await
+        .unwrap();
+    assert!(!manifest.stale, "{manifest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_updated_mid_transfer_is_served_at_its_new_revision_at_once() {
+    let sandbox = Sandbox::start().await;
+    let v1: ModelFiles = vec![("model.onnx".into(), data(90, 8 * MIB))];
+    sandbox.seed("resnet50", &v1).await;
+    let mut config = sandbox.node_config();
+    // Revalidation alone would not see the change for a minute.
+    config.revalidate_after = Duration::from_secs(60);
+    config.origin_parallelism = 1;
+    let node = TestNode::start(config).await;
+    let first = node
+        .registry
+        .resolve(&r("resnet50"))
+        .await
+        .unwrap()
+        .revision;
+    // Versions here are modification times in seconds: let the second tick over first.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let v2: ModelFiles = vec![("model.onnx".into(), data(91, 8 * MIB))];
+    sandbox.seed("resnet50", &v2).await;
+
+    // The node's first ranged read sees the new ETag; the agent's retry gets the new
+    // revision, byte for byte, well before `--revalidate-after`.
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
+    assert_same_files(&fetched.path, &v2);
+    assert_ne!(fetched.revision, first.id);
+    let now = node
+        .registry
+        .resolve(&r("resnet50"))
+        .await
+        .unwrap()
+        .revision;
+    assert_eq!(now.id, fetched.revision);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_one_cache_dir_is_refused_and_creates_nothing() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .seed("m", &vec![("model.bin".into(), data(5, 1000))])
+        .await;
+    let config = sandbox.node_config();
+    let node = TestNode::start(config.clone()).await;
+    let listing = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&config.cache_dir);
+    let err = cache_node::Node::open(&config)
+        .await
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("in use") && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    assert_eq!(listing(&config.cache_dir), before);
+    // The first node goes on serving; once it stopped, the dir is free again.
+    node.prefetch_fresh("m").await;
+    node.stop().await;
+    TestNode::start(config).await.prefetch_fresh("m").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_leave_no_state_and_are_not_listed_again_at_once() {
+    let sandbox = Sandbox::start().await;
+    sandbox
+        .seed("m", &vec![("model.bin".into(), data(6, 1000))])
+        .await;
+    let node = sandbox.node().await;
+    let agent = node.agent(&sandbox.dir());
+    for i in 0..200 {
+        let err = agent
+            .prefetch(&r(&format!("nosuch-{i}")), &Progress::hidden())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentError::NotFound { .. }), "{err:?}");
+    }
+    assert_eq!(node.registry.known_models(), 0);
+    // A name asked for again at once is answered from the negative cache: no LIST.
+    let requests = sandbox.s3.tap.requests.load(Ordering::SeqCst);
+    let err = agent
+        .prefetch(&r("nosuch-199"), &Progress::hidden())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("nosuch-199"), "{err}");
+    assert_eq!(sandbox.s3.tap.requests.load(Ordering::SeqCst), requests);
+    // A model that appears is found once the brief negative entry expires.
+    sandbox
+        .seed("nosuch-199", &vec![("model.bin".into(), data(7, 10))])
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    agent
+        .prefetch(&r("nosuch-199"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_eq!(node.registry.known_models(), 1);
+}
