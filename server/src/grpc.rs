@@ -37,9 +37,18 @@ pub async fn serve(
     health_reporter
         .set_serving::<ModelCacheServer<NodeService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(modelcache_proto::v1::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions clients speak (grpcurl, Python's helper, older tools
+    // ask for v1alpha), describing the health service too.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(modelcache_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| Error::Config(format!("reflection: {e}")))?;
     let stats = registry.node_stats().clone();
     tracing::info!(%addr, origin = registry.origin(), "cache-node serving");
@@ -52,7 +61,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(layers::stack(stats))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
