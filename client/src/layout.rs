@@ -57,6 +57,12 @@ pub struct LocalModel {
     pub size: u64,
 }
 
+/// A held lock of one (name, variant) in a directory.
+#[derive(Debug)]
+pub struct ModelLock {
+    _file: File,
+}
+
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
@@ -102,6 +108,32 @@ impl Layout {
         self.store(r).join(format!("{rev}.json"))
     }
 
+    /// The lock file of (name, variant), beside its store.
+    fn lock_file(&self, r: &Reference) -> PathBuf {
+        self.model_dir(r).join(format!(".{}.lock", r.variant()))
+    }
+
+    /// Waits for, then holds, the lock of (name, variant) in this directory: processes
+    /// (and tasks) that fetch the same model into one directory take turns, so the second
+    /// finds it present instead of racing on the same partial download. Blocking; released
+    /// when dropped.
+    pub fn lock(&self, r: &Reference) -> Result<ModelLock> {
+        let path = self.lock_file(r);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| AgentError::io(format!("opening {}", path.display()), e))?;
+        file.lock()
+            .map_err(|e| AgentError::io(format!("locking {}", path.display()), e))?;
+        Ok(ModelLock { _file: file })
+    }
+
     /// The revision the link points at, with its manifest.
     pub fn current(&self, r: &Reference) -> Option<LocalManifest> {
         let target = std::fs::read_link(self.link(r)).ok()?;
@@ -136,8 +168,6 @@ impl Layout {
         })
     }
 
-    /// Points the link at `rev`: a new symlink renamed over the old one, so readers see the
-    /// old revision or the new one, never a mix.
     /// Moves a finished download in `partial` into place as the revision of `manifest`:
     /// creates its empty files, checks every file's size, and writes the manifest.
     pub fn install(&self, r: &Reference, manifest: &LocalManifest, partial: &Path) -> Result<()> {
@@ -163,6 +193,8 @@ impl Layout {
             .map_err(|e| AgentError::io(format!("moving {} into place", partial.display()), e))
     }
 
+    /// Points the link at `rev`: a new symlink renamed over the old one, so readers see the
+    /// old revision or the new one, never a mix.
     pub fn publish(&self, r: &Reference, rev: &str) -> Result<PathBuf> {
         let link = self.link(r);
         let tmp = link.with_file_name(format!(".@{}.{}.tmp", r.variant(), std::process::id()));
@@ -211,6 +243,7 @@ impl Layout {
             std::fs::remove_dir_all(&store)
                 .map_err(|e| AgentError::io(format!("removing {}", store.display()), e))?;
         }
+        let _ = std::fs::remove_file(self.lock_file(r));
         // Drop folders left empty, up to the root.
         let mut dir = self.model_dir(r);
         while dir != self.root && std::fs::remove_dir(&dir).is_ok() {

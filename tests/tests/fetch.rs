@@ -233,3 +233,37 @@ async fn disk_tier_holds_every_chunk() {
     let tiers = node.registry.tier_counts(&resolved.revision);
     assert_eq!(tiers.disk_chunks, tiers.total_chunks);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_sharing_one_directory_take_turns_and_transfer_once() {
+    let sandbox = Sandbox::start().await;
+    let files: ModelFiles = vec![
+        ("model.onnx".into(), data(40, 9 * MIB + 7)),
+        ("config.json".into(), b"{}".to_vec()),
+    ];
+    sandbox.seed("resnet50", &files).await;
+    let node = sandbox.node().await;
+    let dir = sandbox.dir();
+    let reference = r("resnet50");
+    let progress = Progress::hidden();
+    for round in 0..3 {
+        let agents: Vec<_> = (0..4).map(|_| node.agent(&dir)).collect();
+        let fetches = agents
+            .iter()
+            .map(|agent| agent.prefetch(&reference, &progress));
+        let results = futures::future::join_all(fetches).await;
+        let mut transferred = 0;
+        for result in results {
+            let fetched = result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_same_files(&fetched.path, &files);
+            transferred += fetched.transferred;
+        }
+        let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+        let expected = if round == 1 { 0 } else { total };
+        assert_eq!(transferred, expected, "round {round}");
+        // The next round starts from nothing but the published copy.
+        if round == 1 {
+            assert!(node.agent(&dir).rm(&r("resnet50")).unwrap());
+        }
+    }
+}
