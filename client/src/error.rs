@@ -41,6 +41,18 @@ pub enum AgentError {
     #[error("{message}")]
     FailedPrecondition { message: String },
 
+    /// The node sent nothing for `seconds` in the middle of a stream; what arrived is kept
+    /// and the next run (on this node or another) resumes from it.
+    #[error(
+        "node {node} sent nothing for {seconds} s in the middle of {reference}; what arrived \
+         is kept: run again to resume (another node is tried first when several are given)"
+    )]
+    Stalled {
+        node: String,
+        reference: String,
+        seconds: u64,
+    },
+
     /// The node refused the caller's credentials (`UNAUTHENTICATED`, `PERMISSION_DENIED`).
     #[error("{message}")]
     Denied { code: Code, message: String },

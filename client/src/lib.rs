@@ -40,8 +40,14 @@ pub const WEIGHT_EXTENSIONS: &[&str] = &[
     "msgpack",
 ];
 
-/// How many times `prefetch` starts over when the model changes during a transfer.
+/// How many times `prefetch` starts over when the model changes during a transfer, or a
+/// node stalls in the middle of one.
 pub const MAX_ATTEMPTS: u32 = 3;
+
+/// How long a node may send nothing in the middle of a stream before the agent gives up on
+/// that attempt (a variant build or a slow origin read happens before the first chunk of
+/// a file arrives, so this is generous).
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What `verify` found for one local model.
 #[derive(Clone, Debug)]
@@ -59,7 +65,9 @@ pub struct VerifyReport {
 pub struct Agent {
     nodes: Vec<String>,
     layout: Layout,
-    client: tokio::sync::Mutex<Option<NodeClient>>,
+    /// The connected node's client and its index in `nodes`.
+    client: tokio::sync::Mutex<Option<(NodeClient, usize)>>,
+    idle_timeout: std::time::Duration,
 }
 
 impl Agent {
@@ -69,7 +77,15 @@ impl Agent {
             nodes,
             layout: Layout::new(dir),
             client: tokio::sync::Mutex::new(None),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
+    }
+
+    /// How long a node may send nothing mid-stream before the attempt ends and the next
+    /// node (or the same, when there is one) is tried; `DEFAULT_IDLE_TIMEOUT` otherwise.
+    pub fn with_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.idle_timeout = idle;
+        self
     }
 
     /// The platform cache dir, e.g. `~/.cache/modelcache`.
@@ -84,20 +100,34 @@ impl Agent {
     }
 
     async fn client(&self) -> Result<NodeClient> {
+        self.connection().await.map(|(client, _)| client)
+    }
+
+    /// The connected node's client and its index in `nodes`, connecting if needed.
+    async fn connection(&self) -> Result<(NodeClient, usize)> {
         let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref() {
-            return Ok(client.clone());
+        if let Some(connected) = slot.as_ref() {
+            return Ok(connected.clone());
         }
-        let client = node::connect(&self.nodes).await?;
-        *slot = Some(client.clone());
-        Ok(client)
+        let connected = node::connect_from(&self.nodes, 0).await?;
+        *slot = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// Leaves node `stalled` for the next one in the list (the same when it is the only
+    /// one).
+    async fn move_on_from(&self, stalled: usize) -> Result<(NodeClient, usize)> {
+        let mut slot = self.client.lock().await;
+        let connected = node::connect_from(&self.nodes, stalled + 1).await?;
+        *slot = Some(connected.clone());
+        Ok(connected)
     }
 
     /// Fetches one model variant into its local directory, verified; returns where it is.
     /// A model that changes in the origin during the transfer (`ABORTED`) is fetched again
     /// at its new revision, a few times at most.
     pub async fn prefetch(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
-        let mut client = self.client().await?;
+        let (mut client, mut index) = self.connection().await?;
         // One fetch of a model into this directory at a time, across processes.
         let layout = self.layout.clone();
         let reference_for_lock = reference.clone();
@@ -108,13 +138,22 @@ impl Agent {
             })??;
         let mut attempt = 1;
         loop {
-            match transfer::prefetch(&mut client, &self.layout, reference, progress).await {
+            let conn = transfer::Connection {
+                client: &mut client,
+                node: &self.nodes[index],
+                idle_timeout: self.idle_timeout,
+            };
+            match transfer::prefetch(conn, &self.layout, reference, progress).await {
                 Err(e @ AgentError::Aborted { .. }) if attempt < MAX_ATTEMPTS => {
                     tracing::info!(%reference, "{e}; fetching the new revision");
-                    attempt += 1;
+                }
+                Err(e @ AgentError::Stalled { .. }) if attempt < MAX_ATTEMPTS => {
+                    tracing::warn!(%reference, "{e}");
+                    (client, index) = self.move_on_from(index).await?;
                 }
                 other => return other,
             }
+            attempt += 1;
         }
     }
 

@@ -39,14 +39,22 @@ fn endpoint(url: &str) -> Result<Endpoint> {
 
 /// Connects to the first node of `nodes` that accepts a connection.
 pub async fn connect(nodes: &[String]) -> Result<NodeClient> {
+    connect_from(nodes, 0).await.map(|(client, _)| client)
+}
+
+/// Connects to the first node that accepts a connection, trying `nodes` in order from
+/// index `first` on and then from the start; returns the client and the node's index.
+pub async fn connect_from(nodes: &[String], first: usize) -> Result<(NodeClient, usize)> {
     let mut failures = Vec::new();
-    for url in nodes {
+    let order = (0..nodes.len()).map(|i| (first + i) % nodes.len());
+    for (index, url) in order.map(|i| (i, &nodes[i])) {
         match endpoint(url)?.connect().await {
             Ok(channel) => {
                 tracing::debug!(node = %url, "connected");
-                return Ok(ModelCacheClient::new(channel)
+                let client = ModelCacheClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                    .max_encoding_message_size(MAX_MESSAGE_SIZE));
+                    .max_encoding_message_size(MAX_MESSAGE_SIZE);
+                return Ok((client, index));
             }
             Err(e) => {
                 tracing::info!(node = %url, "cannot connect: {}", error_chain(&e));

@@ -383,3 +383,43 @@ async fn model_deleted_mid_transfer_ends_not_found_and_publishes_nothing() {
     assert!(err.to_string().contains("resnet50"), "{err}");
     assert!(!dir.path().join("resnet50/@original").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_stalls_mid_stream_ends_the_attempt_and_the_next_node_finishes() {
+    let files: ModelFiles = vec![("model.onnx".into(), data(95, 6 * MIB))];
+    // Two origins with the same bytes (the same ETags, so the same revision): the first
+    // node's origin answers ranged reads only after 5 s, so its stream stalls after the
+    // manifest.
+    let slow = Sandbox::with_model("resnet50", &files).await;
+    let fast = Sandbox::with_model("resnet50", &files).await;
+    let stalling = slow.node().await;
+    let good = fast.node().await;
+    slow.s3.tap.get_delay_ms.store(5_000, Ordering::SeqCst);
+    let idle = Duration::from_millis(500);
+
+    // Alone, the stalling node ends each attempt after the idle time, with a message that
+    // says what to do; the agent does not wait for it.
+    let dir = slow.dir();
+    let alone = cache_agent::Agent::new(vec![stalling.url.clone()], &dir).with_idle_timeout(idle);
+    let started = std::time::Instant::now();
+    let err = alone
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Stalled { .. }), "{err:?}");
+    assert!(err.to_string().contains("run again to resume"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // With a second node, the agent moves on to it and the model arrives whole.
+    let both = cache_agent::Agent::new(vec![stalling.url.clone(), good.url.clone()], &dir)
+        .with_idle_timeout(idle);
+    let fetched = both
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_same_files(&fetched.path, &files);
+}

@@ -37,12 +37,26 @@ pub struct Fetched {
     pub transferred: u64,
 }
 
+/// The node a transfer talks to.
+pub struct Connection<'a> {
+    pub client: &'a mut NodeClient,
+    /// Its address, for messages.
+    pub node: &'a str,
+    /// How long a stream may send nothing before the attempt ends (`AgentError::Stalled`).
+    pub idle_timeout: std::time::Duration,
+}
+
 pub async fn prefetch(
-    client: &mut NodeClient,
+    conn: Connection<'_>,
     layout: &Layout,
     reference: &Reference,
     progress: &Progress,
 ) -> Result<Fetched> {
+    let Connection {
+        client,
+        node,
+        idle_timeout,
+    } = conn;
     let manifest = resolve(client, reference, progress).await?;
     let rev = manifest.revision.clone();
     if let Some(fetched) = present(layout, reference, &manifest)? {
@@ -70,7 +84,12 @@ pub async fn prefetch(
         tracing::info!(%reference, revision = %rev, bytes = done, "resuming an interrupted download");
     }
     progress.start(reference, manifest.total_size, done);
-    let transferred = match receive(client, layout, reference, &manifest, state, progress).await {
+    let conn = Connection {
+        client,
+        node,
+        idle_timeout,
+    };
+    let transferred = match receive(conn, layout, reference, &manifest, state, progress).await {
         Ok(n) => n,
         Err(e) => {
             progress.abandon();
@@ -207,7 +226,7 @@ fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
 
 /// Receives the rest of `m` from `state` on; returns the bytes received.
 async fn receive(
-    client: &mut NodeClient,
+    conn: Connection<'_>,
     layout: &Layout,
     reference: &Reference,
     m: &v1::Manifest,
@@ -234,8 +253,13 @@ async fn receive(
         };
         tokio::task::spawn_blocking(move || writer::write_loop(rx, target, state))
     };
-    let fetch = stream::open(client, reference, m, at).await?;
-    let mut chunks = std::pin::pin!(stream::hashed(fetch, reference));
+    let fetch = stream::open(conn.client, reference, m, at).await?;
+    let mut chunks = std::pin::pin!(stream::hashed(
+        fetch,
+        reference,
+        conn.node,
+        conn.idle_timeout
+    ));
     let mut transferred = 0u64;
     while let Some(result) = chunks.next().await {
         let (chunk, digest) = result?;

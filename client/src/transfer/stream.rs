@@ -4,6 +4,8 @@
 //! against the digest sent with it and the one the manifest announced, and its place
 //! against the next one expected.
 
+use std::time::Duration;
+
 use futures::{Stream, StreamExt};
 use modelcache_proto::Reference;
 use modelcache_proto::v1::{self, FetchRequest, fetch_response};
@@ -56,12 +58,41 @@ pub(super) async fn open(
     }
 }
 
-/// The chunks of `stream` with their BLAKE3 digests, hashed several at a time, in order.
+/// The messages of `stream`, ended by an error when none arrives for `idle`: a node that
+/// stalls mid-stream must not keep the agent waiting forever.
+fn with_idle_timeout<'a>(
+    stream: tonic::Streaming<v1::FetchResponse>,
+    idle: Duration,
+    stalled: impl Fn() -> AgentError + Clone + 'a,
+) -> impl Stream<Item = Result<v1::FetchResponse>> + 'a {
+    futures::stream::unfold(Some(stream), move |state| {
+        let stalled = stalled.clone();
+        async move {
+            let mut stream = state?;
+            match tokio::time::timeout(idle, stream.message()).await {
+                Ok(Ok(Some(message))) => Some((Ok(message), Some(stream))),
+                Ok(Ok(None)) => None,
+                Ok(Err(status)) => Some((Err(status.into()), None)),
+                Err(_) => Some((Err(stalled()), None)),
+            }
+        }
+    })
+}
+
+/// The chunks of `stream` with their BLAKE3 digests, hashed several at a time, in order;
+/// an error if the node sends nothing for `idle`.
 pub(super) fn hashed<'a>(
     stream: tonic::Streaming<v1::FetchResponse>,
     reference: &'a Reference,
+    node: &'a str,
+    idle: Duration,
 ) -> impl Stream<Item = Result<(v1::Chunk, [u8; 32])>> + 'a {
-    stream
+    let stalled = move || AgentError::Stalled {
+        node: node.to_owned(),
+        reference: reference.to_string(),
+        seconds: idle.as_secs_f64().round() as u64,
+    };
+    with_idle_timeout(stream, idle, stalled)
         .map(move |item| async move {
             let chunk = match item?.item {
                 Some(fetch_response::Item::Chunk(c)) => c,
