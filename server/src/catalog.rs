@@ -225,6 +225,27 @@ impl Catalog {
         self.models.lock().expect("catalog lock poisoned").len()
     }
 
+    /// Forgets what `rev` recorded (chunk digests, SHA-256) and lists the model again on the
+    /// next `resolve`: its record contradicted the origin.
+    pub fn discard(&self, rev: &Arc<Revision>) {
+        let models = self.models.lock().expect("catalog lock poisoned");
+        let Some(slot) = models.get(&rev.name) else {
+            return;
+        };
+        let mut state = slot.state();
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|cur| Arc::ptr_eq(cur, rev))
+        {
+            tracing::warn!(model = %rev.name, revision = %rev.id, "discarding a record the origin contradicts");
+            state.current = None;
+            state.validated_at = None;
+            self.manifests
+                .remove(&rev.name, modelcache_proto::reference::ORIGINAL);
+        }
+    }
+
     /// Makes the next `resolve` of `name` list the origin again: a ranged read saw that a
     /// file changed or went away, so the revision served is out of date.
     pub fn invalidate(&self, name: &str) {

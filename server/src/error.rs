@@ -159,6 +159,16 @@ pub enum Error {
         index: u64,
     },
 
+    #[error(
+        "this node's record of {name:?} contradicted the origin's bytes (chunk {index} of \
+         {path}) and was discarded; fetch again"
+    )]
+    RecordDiscarded {
+        name: String,
+        path: String,
+        index: u64,
+    },
+
     #[error("{what} failed: {detail}")]
     TaskFailed { what: String, detail: String },
 

@@ -72,6 +72,11 @@ impl Finisher {
         self.seen().insert(rev.id.clone());
     }
 
+    /// Lets a revision whose record was discarded be finished again.
+    pub fn forget(&self, rev: &Revision) {
+        self.seen().remove(&rev.id);
+    }
+
     fn seen(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.seen.lock().expect("finisher lock poisoned")
     }

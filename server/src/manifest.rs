@@ -235,6 +235,35 @@ struct SavedRevision {
     #[serde(default)]
     confirmed_unix: Option<u64>,
     files: Vec<SavedFile>,
+    /// BLAKE3 of the manifest's compact JSON without this field: a manifest damaged on
+    /// disk is skipped (and the model listed again) instead of trusted. Absent in
+    /// manifests saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
+}
+
+impl SavedRevision {
+    fn digest(&self) -> String {
+        let compact = serde_json::to_vec(self).expect("a manifest serializes to JSON");
+        blake3::hash(&compact).to_hex().to_string()
+    }
+
+    /// Seals the manifest with its checksum.
+    fn seal(mut self) -> Self {
+        self.checksum = None;
+        self.checksum = Some(self.digest());
+        self
+    }
+
+    /// Whether the manifest is as it was sealed (or predates checksums).
+    fn intact(&mut self) -> bool {
+        let Some(checksum) = self.checksum.take() else {
+            return true;
+        };
+        let intact = self.digest() == checksum;
+        self.checksum = Some(checksum);
+        intact
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -297,10 +326,11 @@ impl ManifestStore {
                     provenance: f.provenance.clone(),
                 })
                 .collect(),
+            checksum: None,
         };
         let path = self.file_for(&rev.name, &rev.variant);
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&saved).expect("a manifest serializes to JSON");
+        let text = serde_json::to_vec_pretty(&saved.seal()).expect("a manifest serializes to JSON");
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|source| Error::ManifestIo { path, source })
@@ -334,7 +364,14 @@ impl ManifestStore {
     }
 }
 
-fn restore(saved: SavedRevision) -> Result<Revision, String> {
+fn restore(mut saved: SavedRevision) -> Result<Revision, String> {
+    if !saved.intact() {
+        return Err(
+            "its checksum does not match its contents (damaged on disk); the model \
+                    is listed again"
+                .into(),
+        );
+    }
     modelcache_proto::Reference::parse(&saved.name).map_err(|e| e.to_string())?;
     modelcache_proto::check_file_paths(saved.files.iter().map(|f| f.path.as_str()))
         .map_err(|e| e.to_string())?;

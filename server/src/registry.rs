@@ -298,6 +298,14 @@ impl Registry {
                 self.rebuild(rev).await.map_err(|_| e)?;
                 self.reader.read(rev, file, index).await
             }
+            Err(Error::ChunkCorrupt { name, path, index }) if rev.is_original() => {
+                // A fresh read from the origin disagrees with the digest on record (a saved
+                // record gone bad, or bytes changed under an unchanged ETag): the origin
+                // wins. The record is rebuilt from a fresh listing; the client fetches again.
+                self.catalog.discard(rev);
+                self.finisher.forget(rev);
+                Err(Error::RecordDiscarded { name, path, index })
+            }
             Err(e) => {
                 // The origin holds another version of a file: the next resolve lists it
                 // again, so the client's retry gets the new revision at once.

@@ -49,6 +49,7 @@ pub fn code(error: &Error) -> Code {
         Error::OriginChanged { .. }
         | Error::OriginFileGone { .. }
         | Error::RevisionChanged { .. }
+        | Error::RecordDiscarded { .. }
         | Error::VariantEvicted { .. } => Code::Aborted,
         Error::Shared(inner) => code(inner),
         Error::ChunkCorrupt { .. }

@@ -244,3 +244,115 @@ async fn unknown_names_leave_no_state_and_are_not_listed_again_at_once() {
         .unwrap();
     assert_eq!(node.registry.known_models(), 1);
 }
+
+/// A local origin holding `m/model.bin`, a node on it that read the model in full and
+/// saved its record, and that record's cache dir.
+async fn recorded_model(
+    sandbox: &Sandbox,
+    bytes: &[u8],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let origin = sandbox.dir();
+    std::fs::create_dir_all(origin.join("m")).unwrap();
+    std::fs::write(origin.join("m/model.bin"), bytes).unwrap();
+    let config = sandbox.local_config(&origin);
+    let cache_dir = config.cache_dir.clone();
+    let node = TestNode::start(config).await;
+    node.prefetch_fresh("m").await;
+    node.idle().await;
+    node.stop().await;
+    (origin, cache_dir)
+}
+
+fn saved_manifests(cache_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(cache_dir.join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_record_damaged_on_disk_is_not_trusted() {
+    let sandbox = Sandbox::start().await;
+    let bytes = data(30, 5 * MIB);
+    let (origin, cache_dir) = recorded_model(&sandbox, &bytes).await;
+    // One character of one chunk digest changes on disk.
+    let saved = &saved_manifests(&cache_dir)[0];
+    let text = std::fs::read_to_string(saved).unwrap();
+    let list = text.find("\"chunk_blake3\"").unwrap() + "\"chunk_blake3\"".len();
+    let digit = list + text[list..].find('"').unwrap() + 1;
+    assert!(text.as_bytes()[digit].is_ascii_hexdigit(), "{text}");
+    let mut damaged = text.into_bytes();
+    damaged[digit] = if damaged[digit] == b'0' { b'1' } else { b'0' };
+    std::fs::write(saved, damaged).unwrap();
+
+    let mut config = sandbox.local_config(&origin);
+    config.cache_dir = cache_dir;
+    let node = TestNode::start(config).await;
+    // The damaged record is not used at all: the first transfer goes through.
+    let status = stream_status(node.fetch_stream("m").await).await;
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
+    assert_same_files(&fetched.path, &vec![("model.bin".into(), bytes)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_origin_contradicts_is_discarded_and_the_retry_gets_the_origin_bytes() {
+    let sandbox = Sandbox::start().await;
+    let (origin, cache_dir) = recorded_model(&sandbox, &data(31, 5 * MIB)).await;
+    // The file is rewritten in place, same size, its modification time put back: the
+    // origin's version tag does not change, its bytes do.
+    let file = origin.join("m/model.bin");
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let rewritten = data(32, 5 * MIB);
+    std::fs::write(&file, &rewritten).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    // A node with the saved record and empty tiers reads every chunk from the origin.
+    let config = sandbox.local_config(&origin);
+    std::fs::create_dir_all(config.cache_dir.join("manifests")).unwrap();
+    for saved in saved_manifests(&cache_dir) {
+        std::fs::copy(
+            &saved,
+            config
+                .cache_dir
+                .join("manifests")
+                .join(saved.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let node = TestNode::start(config).await;
+    let mut client = node.client().await;
+    let stream = node.fetch_stream("m").await;
+    let status = stream_status(stream).await;
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("fetch again"), "{status:?}");
+    drop(
+        client
+            .resolve(ResolveRequest {
+                reference: "m".into(),
+            })
+            .await
+            .unwrap(),
+    );
+    // The agent retries an ABORTED transfer by itself, and gets the origin's bytes.
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
+    assert_same_files(&fetched.path, &vec![("model.bin".into(), rewritten)]);
+}
+
+/// Reads a `Fetch` stream to its end; the status that ended it.
+async fn stream_status(
+    mut stream: tonic::Streaming<modelcache_proto::v1::FetchResponse>,
+) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return tonic::Status::ok(""),
+            Err(status) => return status,
+        }
+    }
+}
