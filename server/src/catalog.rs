@@ -8,9 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+
 use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision, revision_id};
 use crate::origin::Origin;
+use crate::tasks::Background;
 
 /// What a name resolved to.
 #[derive(Clone)]
@@ -27,11 +31,14 @@ struct SlotState {
     stale_reason: Option<String>,
 }
 
-/// One model's state; `refresh` makes concurrent revalidations share one listing.
+/// A listing of one model under way, shared by every request that waits for it.
+type Refresh = Shared<BoxFuture<'static, std::result::Result<Resolved, Arc<Error>>>>;
+
+/// One model's state; `refreshing` makes concurrent revalidations share one listing.
 #[derive(Default)]
 struct ModelSlot {
     state: Mutex<SlotState>,
-    refresh: tokio::sync::Mutex<()>,
+    refreshing: Mutex<Option<Refresh>>,
 }
 
 impl ModelSlot {
@@ -39,6 +46,12 @@ impl ModelSlot {
         self.state.lock().expect("model slot lock poisoned")
     }
 }
+
+/// How long a request for a model the node has waits for its revalidation before it is
+/// answered with the cached revision (the listing goes on in the background).
+const REVALIDATE_GRACE: Duration = Duration::from_millis(500);
+/// Longest a revalidation may take; beyond it the cached revision is served as stale.
+const REVALIDATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long "no such model" is remembered (at most `--revalidate-after`): a name asked for
 /// again at once costs no LIST, and a model that appears is found a moment later.
@@ -48,6 +61,7 @@ const NEGATIVE_CAPACITY: usize = 10_000;
 
 pub struct Catalog {
     origin: Arc<Origin>,
+    background: Background,
     manifests: Arc<ManifestStore>,
     revalidate_after: Duration,
     /// Models this node has a revision of (or is listing now); none for names that do not
@@ -64,6 +78,7 @@ impl Catalog {
         origin: Arc<Origin>,
         manifests: Arc<ManifestStore>,
         revalidate_after: Duration,
+        background: Background,
     ) -> (Self, Vec<Revision>) {
         let (originals, built): (Vec<Revision>, Vec<Revision>) = manifests
             .load_all()
@@ -102,6 +117,7 @@ impl Catalog {
         }
         let catalog = Self {
             origin,
+            background,
             manifests,
             revalidate_after,
             models: Mutex::new(models),
@@ -115,8 +131,12 @@ impl Catalog {
         models.entry(name.to_owned()).or_default().clone()
     }
 
-    /// The revision to serve for model `name`.
-    pub async fn resolve(&self, name: &str) -> Result<Resolved> {
+    /// The revision to serve for model `name`. One that is older than
+    /// `--revalidate-after` is listed again in the background (one listing per model at a
+    /// time); the request waits for it a moment (`REVALIDATE_GRACE`) and is otherwise
+    /// answered with the cached revision while the listing goes on (stale-while-
+    /// revalidate), so a hung origin never holds up a model the node has.
+    pub async fn resolve(self: &Arc<Self>, name: &str) -> Result<Resolved> {
         if let Some(missing) = self.known_missing(name) {
             return Err(missing);
         }
@@ -124,11 +144,79 @@ impl Catalog {
         if let Some(fresh) = self.fresh(&slot) {
             return Ok(fresh);
         }
-        let _refresh = slot.refresh.lock().await;
-        if let Some(fresh) = self.fresh(&slot) {
-            return Ok(fresh);
+        let refresh = self.refresh(name, &slot);
+        let cached = {
+            let state = slot.state();
+            state.current.clone().map(|revision| Resolved {
+                revision,
+                stale_reason: state.stale_reason.clone(),
+            })
+        };
+        match cached {
+            None => refresh.await.map_err(Error::Shared),
+            Some(cached) => tokio::select! {
+                refreshed = refresh => refreshed.map_err(Error::Shared),
+                () = tokio::time::sleep(REVALIDATE_GRACE) => Ok(cached),
+            },
         }
-        let listed = self.list(name).await;
+    }
+
+    /// The listing of `name` under way, or a new one, run as a background task so that
+    /// it goes on when the request that started it is answered (or goes away).
+    fn refresh(self: &Arc<Self>, name: &str, slot: &Arc<ModelSlot>) -> Refresh {
+        let mut running = slot.refreshing.lock().expect("model slot lock poisoned");
+        if let Some(refresh) = running.as_ref() {
+            return refresh.clone();
+        }
+        let this = self.clone();
+        let task_slot = slot.clone();
+        let name = name.to_owned();
+        let task = self.background.spawn(async move {
+            let bounded = task_slot.state().current.is_some();
+            let listed = if bounded {
+                tokio::time::timeout(REVALIDATE_TIMEOUT, this.list(&name))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::OriginUnavailable {
+                            origin: this.origin.display().to_owned(),
+                            name: name.clone(),
+                            detail: format!(
+                                "listing the model did not finish within {} s",
+                                REVALIDATE_TIMEOUT.as_secs()
+                            ),
+                        })
+                    })
+            } else {
+                this.list(&name).await
+            };
+            let result = this.apply(&name, &task_slot, listed).map_err(Arc::new);
+            *task_slot
+                .refreshing
+                .lock()
+                .expect("model slot lock poisoned") = None;
+            Ok(result)
+        });
+        let refresh = async move {
+            match task.await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(Arc::new(e)),
+                Err(e) => Err(Arc::new(Error::task_failed("listing a model", e))),
+            }
+        }
+        .boxed()
+        .shared();
+        *running = Some(refresh.clone());
+        refresh
+    }
+
+    /// What a listing of `name` means for its slot: a confirmed or new revision; no model
+    /// (nothing kept); or an origin failure, served around with the cached revision.
+    fn apply(
+        &self,
+        name: &str,
+        slot: &Arc<ModelSlot>,
+        listed: Result<Vec<crate::origin::OriginFile>>,
+    ) -> Result<Resolved> {
         let mut state = slot.state();
         match listed {
             Ok(files) => {
@@ -161,7 +249,7 @@ impl Catalog {
                         .remove(name, modelcache_proto::reference::ORIGINAL);
                 }
                 drop(state);
-                self.forget(name, &slot);
+                self.forget(name, slot);
                 if let Error::ModelNotFound { hint, .. } = &e {
                     self.remember_missing(name, hint);
                 }

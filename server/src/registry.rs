@@ -84,7 +84,7 @@ pub struct Warmed {
 pub struct Registry {
     /// The cache dir is this node's while the registry lives.
     _lock: DirLock,
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     reader: Arc<ChunkReader>,
     variants: Arc<VariantBuilder>,
     finisher: Arc<Finisher>,
@@ -138,8 +138,12 @@ impl Registry {
                 quantize_threads: (cores / 2).max(1),
             },
         )?;
-        let (catalog, saved_variants) =
-            Catalog::open(origin, manifests.clone(), config.revalidate_after);
+        let (catalog, saved_variants) = Catalog::open(
+            origin,
+            manifests.clone(),
+            config.revalidate_after,
+            background.clone(),
+        );
         for rev in saved_variants {
             variants.restore(rev);
         }
@@ -150,7 +154,7 @@ impl Registry {
             }
         }
         Ok(Self {
-            catalog,
+            catalog: Arc::new(catalog),
             reader,
             variants: Arc::new(variants),
             finisher: Arc::new(finisher),

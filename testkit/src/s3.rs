@@ -49,6 +49,8 @@ pub struct Tap {
     pub cut_after: AtomicU64,
     /// Answer everything with 503 (a failing origin).
     pub fail_all: AtomicBool,
+    /// Sleep this many milliseconds before answering any request (a hung origin).
+    pub delay_all_ms: AtomicU64,
 }
 
 impl Tap {
@@ -190,6 +192,10 @@ async fn handle(
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<TapResponse, Infallible> {
     tap.requests.fetch_add(1, Ordering::SeqCst);
+    let hang = tap.delay_all_ms.load(Ordering::SeqCst);
+    if hang > 0 {
+        tokio::time::sleep(Duration::from_millis(hang)).await;
+    }
     if tap.fail_all.load(Ordering::SeqCst) {
         let body = http_body_util::Full::new(Bytes::from_static(
             b"<Error><Code>ServiceUnavailable</Code></Error>",

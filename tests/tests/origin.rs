@@ -356,3 +356,60 @@ async fn stream_status(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_origin_does_not_hold_up_a_cached_model() {
+    let sandbox = Sandbox::start().await;
+    let files: ModelFiles = vec![("model.onnx".into(), data(33, 3 * MIB))];
+    sandbox.seed("resnet50", &files).await;
+    let mut config = sandbox.node_config();
+    config.revalidate_after = Duration::from_millis(200);
+    let node = TestNode::start(config).await;
+    node.prefetch_fresh("resnet50").await;
+
+    // The origin stops answering; the cached revision is due for revalidation.
+    sandbox.s3.tap.delay_all_ms.store(60_000, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = node.client().await;
+    let resolve = |mut client: modelcache_proto::v1::model_cache_client::ModelCacheClient<
+        tonic::transport::Channel,
+    >| async move {
+        client
+            .resolve(ResolveRequest {
+                reference: "resnet50".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .manifest
+            .unwrap()
+    };
+    // Served at once from what the node has, not marked stale while the listing runs; a
+    // transfer needs nothing from the origin either.
+    let started = std::time::Instant::now();
+    let manifest = resolve(client.clone()).await;
+    assert!(!manifest.stale, "{manifest:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "resolve waited {:?} for a hung origin",
+        started.elapsed()
+    );
+    let (_dir, fetched) = node.prefetch_fresh("resnet50").await;
+    assert_same_files(&fetched.path, &files);
+    // Once the revalidation gave up (10 s), the revision is reported stale, with why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let manifest = loop {
+        let manifest = resolve(client.clone()).await;
+        if manifest.stale || std::time::Instant::now() > deadline {
+            break manifest;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(manifest.stale, "never reported stale");
+    assert!(
+        manifest.stale_reason.contains("did not finish within"),
+        "{}",
+        manifest.stale_reason
+    );
+    sandbox.s3.tap.delay_all_ms.store(0, Ordering::SeqCst);
+}
