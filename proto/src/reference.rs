@@ -164,11 +164,20 @@ pub fn check_file_path(path: &str) -> Result<(), PathError> {
         match segment {
             "" => return Err(fail("it has an empty segment")),
             "." | ".." => return Err(fail("it has a `.` or `..` segment")),
+            s if s.len() > MAX_NAME_BYTES => {
+                return Err(fail(
+                    "a name in it is longer than 255 bytes, more than filesystems hold",
+                ));
+            }
             _ => {}
         }
     }
     Ok(())
 }
+
+/// Longest file or folder name a receiver can create (`NAME_MAX` on Linux and most
+/// filesystems).
+const MAX_NAME_BYTES: usize = 255;
 
 /// Checks every path of a model's file list, and that no file stands where another
 /// file's folder is (`x` beside `x/y`) and no path repeats.
@@ -241,5 +250,11 @@ mod tests {
         assert!(check_file_paths(["a/x", "a/y", "b"]).is_ok());
         assert!(check_file_paths(["a", "a"]).is_err());
         assert!(check_file_paths(["x.bin", "x/y"]).is_ok());
+        // A name no filesystem holds is refused, naming the file; 255 bytes is fine.
+        let long = format!("dir/{}.bin", "é".repeat(200));
+        let err = check_file_path(&long).unwrap_err();
+        assert!(err.to_string().contains("longer than 255 bytes"), "{err}");
+        assert!(err.to_string().contains("dir/éé"), "{err}");
+        assert!(check_file_path(&"n".repeat(255)).is_ok());
     }
 }

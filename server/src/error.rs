@@ -199,6 +199,16 @@ pub enum Error {
     },
 }
 
+/// What a message may quote of a client's input: its first 100 characters (a request can
+/// carry kilobytes of anything).
+pub fn quote(input: &str) -> String {
+    const LIMIT: usize = 100;
+    match input.char_indices().nth(LIMIT) {
+        Some((end, _)) => format!("{}…", &input[..end]),
+        None => input.to_owned(),
+    }
+}
+
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
@@ -221,5 +231,19 @@ impl Error {
             Error::Shared(inner) => inner.root(),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_of_client_input_are_bounded() {
+        assert_eq!(quote("model.onnx"), "model.onnx");
+        let long = "ü".repeat(5000);
+        let quoted = quote(&long);
+        assert_eq!(quoted.chars().count(), 101);
+        assert!(quoted.ends_with('…'));
     }
 }

@@ -17,7 +17,7 @@ use crate::catalog::{Catalog, Resolved};
 use crate::chunks::{ChunkRead, ChunkReader};
 use crate::config::Config;
 use crate::dirlock::DirLock;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::finisher::Finisher;
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
@@ -234,7 +234,7 @@ impl Registry {
         if !request.revision.is_empty() && request.revision != rev.id {
             return Err(Error::RevisionChanged {
                 name: rev.name.clone(),
-                requested: request.revision,
+                requested: quote(&request.revision),
                 current: rev.id.clone(),
             });
         }
@@ -244,7 +244,7 @@ impl Registry {
             rev.file_index(&request.file)
                 .ok_or_else(|| Error::FileNotFound {
                     name: rev.name.clone(),
-                    path: request.file.clone(),
+                    path: quote(&request.file),
                 })?
         };
         if let Some(record) = rev.files.get(start_file)

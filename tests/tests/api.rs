@@ -178,6 +178,17 @@ async fn fetch_from_an_offset_and_pinned_revisions() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("c.bin"));
+    // A message quotes at most the first 100 characters of what the client sent.
+    let err = client
+        .fetch(FetchRequest {
+            reference: "m".into(),
+            file: "x".repeat(50_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().len() < 300, "{} bytes", err.message().len());
     let err = client
         .fetch(FetchRequest {
             reference: "m".into(),

@@ -127,6 +127,9 @@ fn tree(root: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// A 300-byte file name: S3 keys may hold it, local filesystems cannot.
+const LONG_NAME: &str = "nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn.bin";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_paths_are_refused_and_nothing_lands_outside() {
     let cases: Vec<Vec<(&str, &[u8])>> = vec![
@@ -135,6 +138,10 @@ async fn hostile_paths_are_refused_and_nothing_lands_outside() {
         vec![("x", b"file"), ("x/y", b"nested")],
         vec![("a/../../x", b"escape")],
         vec![("ok.txt", b"fine"), ("a\0b", b"nul")],
+        vec![
+            ("ok.txt", b"fine"),
+            (LONG_NAME, b"no filesystem holds this name"),
+        ],
     ];
     for files in cases {
         let sandbox = tempfile::tempdir().unwrap();
