@@ -164,6 +164,20 @@ impl Revision {
         self.known_chunks.store(known as u64, Ordering::Release);
     }
 
+    /// This variant's files served under another variant's name (GGUF's `int8` is the
+    /// `q8_0` build): the same records, the alias's own revision.
+    pub fn alias(&self, variant: Variant) -> Revision {
+        let source = self.source.clone().unwrap_or_default();
+        let mut rev = Revision::from_records(
+            &self.name,
+            variant.as_str(),
+            variant_id(&source, variant),
+            self.files.clone(),
+        );
+        rev.source = Some(source);
+        rev
+    }
+
     /// Whether this is the bytes as stored (not a variant).
     pub fn is_original(&self) -> bool {
         self.variant == modelcache_proto::reference::ORIGINAL

@@ -633,3 +633,40 @@ async fn a_build_cut_short_by_shutdown_is_unavailable_not_internal() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gguf_int8_and_q8_0_are_one_build_served_under_both_names() {
+    let sandbox = Sandbox::start().await;
+    let work = sandbox.dir();
+    seed_models(&sandbox.s3, &work, "good").await;
+    let node = TestNode::start(config_without_precompute(&sandbox.s3, &sandbox.dir())).await;
+    let (_a, q8) = node.prefetch_fresh("gguf-small:q8_0").await;
+    let (_b, int8) = node.prefetch_fresh("gguf-small:int8").await;
+    let (_c, q4) = node.prefetch_fresh("gguf-small:q4_0").await;
+    let (_d, int4) = node.prefetch_fresh("gguf-small:int4").await;
+    assert_eq!(node.stats().variant_builds, 2);
+    for (alias, built) in [(&int8, &q8), (&int4, &q4)] {
+        let file = |f: &cache_agent::Fetched| {
+            let gguf = read_dir_files(&f.path)
+                .into_iter()
+                .find(|(p, _)| p.ends_with(".gguf"))
+                .unwrap();
+            sha256(&gguf.1)
+        };
+        assert_eq!(file(alias), file(built));
+        assert_ne!(alias.revision, built.revision);
+    }
+    // Each name has a manifest of its own, and the original lists both as ready.
+    let manifest = resolve(&node, "gguf-small:int8").await.unwrap();
+    assert_eq!(manifest.variant, "int8");
+    assert_eq!(manifest.revision, int8.revision);
+    let original = resolve(&node, "gguf-small").await.unwrap();
+    for name in ["int8", "q8_0", "int4", "q4_0"] {
+        let state = original
+            .variants
+            .iter()
+            .find(|s| s.variant == name)
+            .unwrap();
+        assert_eq!(state.state(), State::Ready, "{name}");
+    }
+}

@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use modelcache_proto::CHUNK_SIZE;
-use modelcache_quant::Variant;
+use modelcache_quant::{Format, Variant};
 use tokio::sync::Semaphore;
 
 use crate::chunks::ChunkReader;
 use crate::error::{Error, Result};
-use crate::manifest::{ManifestStore, Revision};
+use crate::manifest::{ManifestStore, Revision, variant_id};
 use crate::stats::NodeStats;
 use crate::tasks::Background;
 
@@ -154,8 +154,24 @@ impl VariantBuilder {
     }
 
     /// The ready revision of `variant` of `original`, building it if needed (concurrent
-    /// callers share one build); one whose chunks left the tier is built again.
+    /// callers share one build); one whose chunks left the tier is built again. A variant
+    /// that is another under a second name (GGUF's `int8` is its `q8_0`) is that one's
+    /// build, served under the name asked for.
     pub async fn get(
+        self: &Arc<Self>,
+        original: &Arc<Revision>,
+        variant: Variant,
+    ) -> Result<Arc<Revision>> {
+        let built = canonical(original, variant);
+        let rev = self.get_built(original, built).await?;
+        Ok(if built == variant {
+            rev
+        } else {
+            Arc::new(rev.alias(variant))
+        })
+    }
+
+    async fn get_built(
         self: &Arc<Self>,
         original: &Arc<Revision>,
         variant: Variant,
@@ -225,7 +241,7 @@ impl VariantBuilder {
     pub fn precompute(self: &Arc<Self>, original: &Arc<Revision>) {
         for variant in applicable(original) {
             if self.precompute.contains(&variant) {
-                drop(self.start_build(original, variant));
+                drop(self.start_build(original, canonical(original, variant)));
             }
         }
     }
@@ -246,13 +262,13 @@ impl VariantBuilder {
             .into_iter()
             .map(|variant| {
                 let build = builds
-                    .get(&(original.name.clone(), variant))
+                    .get(&(original.name.clone(), canonical(original, variant)))
                     .filter(|b| b.source == original.id);
                 let state = match build.map(|b| b.done.get()) {
                     None => BuildState::Absent,
                     Some(None) => BuildState::Building,
                     Some(Some(Ok(rev))) => BuildState::Ready {
-                        revision: rev.id.clone(),
+                        revision: variant_id(&original.id, variant),
                         total_size: rev.total_size,
                     },
                     Some(Some(Err(e))) => BuildState::Failed {
@@ -271,6 +287,22 @@ impl VariantBuilder {
             .filter(|((n, _), _)| n == name)
             .filter_map(|(_, b)| b.done.get().and_then(|r| r.as_ref().ok().cloned()))
             .collect()
+    }
+}
+
+/// The variant a build of `variant` of `original` makes: for a model whose weights are all
+/// GGUF, `int8` and `int4` are its `q8_0` and `q4_0` block formats, built (and stored)
+/// once under those names.
+fn canonical(original: &Revision, variant: Variant) -> Variant {
+    let mut formats = original
+        .files
+        .iter()
+        .filter_map(|f| Format::of(&f.origin.path));
+    let gguf_only = formats.clone().next().is_some() && formats.all(|f| f == Format::Gguf);
+    match variant {
+        Variant::Int8 if gguf_only => Variant::Q8_0,
+        Variant::Int4 if gguf_only => Variant::Q4_0,
+        other => other,
     }
 }
 
