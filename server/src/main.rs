@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_open_file_limit();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -34,6 +35,16 @@ async fn main() -> ExitCode {
             eprintln!("cache-node: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: foyer keeps one file per disk
+/// block (a 20 GiB tier has over a thousand) and every connection takes one, so the usual
+/// soft limit of 1,024 is too low for the defaults.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!("could not raise the open file limit: {e}"),
     }
 }
 

@@ -331,3 +331,41 @@ async fn node_rejects_bad_flags_with_one_line() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_raises_its_open_file_limit_to_the_hard_limit() {
+    let origin = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let ready = cache.path().join("node.addr");
+    // Started with the usual soft limit lowered further; foyer's one file per disk block
+    // and one per connection need more.
+    let node = Child(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+            .arg(binary("cache-node"))
+            .args(["--listen", "127.0.0.1:0", "--disk-capacity", "64MiB"])
+            .args(["--variant-capacity", "64MiB", "--origin"])
+            .arg(origin.path())
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || ready.exists()).await,
+        "node did not start"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+}
