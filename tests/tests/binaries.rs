@@ -163,6 +163,7 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
             .env("CACHE_NODE_CACHE_DIR", cache.path())
             .env("CACHE_NODE_MEMORY_CAPACITY", "64MiB")
             .env("CACHE_NODE_DISK_CAPACITY", "256MiB")
+            .env("CACHE_NODE_VARIANT_CAPACITY", "128MiB")
             .env("AWS_ENDPOINT_URL", s3.endpoint())
             .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
