@@ -128,14 +128,6 @@ impl Agent {
     /// at its new revision, a few times at most.
     pub async fn prefetch(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
         let (mut client, mut index) = self.connection().await?;
-        // One fetch of a model into this directory at a time, across processes.
-        let layout = self.layout.clone();
-        let reference_for_lock = reference.clone();
-        let _lock = tokio::task::spawn_blocking(move || layout.lock(&reference_for_lock))
-            .await
-            .map_err(|e| {
-                AgentError::io("waiting for the model's lock", std::io::Error::other(e))
-            })??;
         let mut attempt = 1;
         loop {
             let conn = transfer::Connection {

@@ -58,6 +58,18 @@ pub async fn prefetch(
         idle_timeout,
     } = conn;
     let manifest = resolve(client, reference, progress).await?;
+    // One fetch of a model into this directory at a time, across processes: the others
+    // wait here and then find it present. Taken once the node knows the model, so a
+    // reference that fails leaves nothing behind.
+    let _lock = {
+        let layout = layout.clone();
+        let reference = reference.clone();
+        tokio::task::spawn_blocking(move || layout.lock(&reference))
+            .await
+            .map_err(|e| {
+                AgentError::io("waiting for the model's lock", std::io::Error::other(e))
+            })??
+    };
     let rev = manifest.revision.clone();
     if let Some(fetched) = present(layout, reference, &manifest)? {
         return Ok(fetched);
