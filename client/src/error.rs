@@ -82,6 +82,16 @@ pub enum AgentError {
     )]
     NoSpace { dir: String, context: String },
 
+    #[error(
+        "{dir} was written by a newer cache-agent (directory format {found}; this one reads \
+         up to {supported}): use that version, or give this one another --dir"
+    )]
+    Incompatible {
+        dir: String,
+        found: u32,
+        supported: u32,
+    },
+
     #[error("{reference} is not in {dir}; run `cache-agent prefetch {reference}` first")]
     NotPresent { reference: String, dir: String },
 

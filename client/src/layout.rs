@@ -57,6 +57,12 @@ pub struct LocalModel {
     pub size: u64,
 }
 
+/// The layout of `DIR` this agent reads and writes (symlinks to revision dirs, manifests,
+/// progress files, lock files), recorded in `DIR/.modelcache-format`.
+pub const DIR_FORMAT: u32 = 1;
+const FORMAT_FILE: &str = ".modelcache-format";
+const FORMAT_PREFIX: &str = "modelcache-agent-dir ";
+
 /// A held lock of one (name, variant) in a directory.
 #[derive(Debug)]
 pub struct ModelLock {
@@ -106,6 +112,35 @@ impl Layout {
 
     pub fn manifest_file(&self, r: &Reference, rev: &str) -> PathBuf {
         self.store(r).join(format!("{rev}.json"))
+    }
+
+    /// Checks that this agent can read `DIR` (a newer agent's is refused, naming both
+    /// formats, and left alone); with `record`, writes the format where none is recorded
+    /// yet (a directory from before formats were recorded has today's layout).
+    pub fn check_format(&self, record: bool) -> Result<()> {
+        let path = self.root.join(FORMAT_FILE);
+        let found = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .strip_prefix(FORMAT_PREFIX)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(u32::MAX),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(AgentError::io(format!("reading {}", path.display()), e)),
+        };
+        if found > DIR_FORMAT {
+            return Err(AgentError::Incompatible {
+                dir: self.root.display().to_string(),
+                found,
+                supported: DIR_FORMAT,
+            });
+        }
+        if record && found < DIR_FORMAT {
+            std::fs::create_dir_all(&self.root)
+                .map_err(|e| AgentError::io(format!("creating {}", self.root.display()), e))?;
+            write_atomic(&path, format!("{FORMAT_PREFIX}{DIR_FORMAT}\n").as_bytes())?;
+        }
+        Ok(())
     }
 
     /// The lock file of (name, variant), beside its store.

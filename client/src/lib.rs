@@ -223,6 +223,7 @@ impl Agent {
 
     /// Removes a local model variant; false if it was not there.
     pub fn rm(&self, reference: &Reference) -> Result<bool> {
+        self.layout.check_format(false)?;
         self.layout.remove(reference)
     }
 
@@ -232,6 +233,7 @@ impl Agent {
         reference: Option<&Reference>,
         sha256: bool,
     ) -> Result<Vec<VerifyReport>> {
+        self.layout.check_format(false)?;
         let targets: Vec<Reference> = match reference {
             Some(r) => vec![r.clone()],
             None => self.ls().into_iter().map(|m| m.reference).collect(),

@@ -21,6 +21,7 @@ pub mod config;
 pub mod dirlock;
 pub mod error;
 pub mod finisher;
+pub mod format;
 pub mod grpc;
 pub mod layers;
 pub mod manifest;

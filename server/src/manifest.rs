@@ -237,6 +237,10 @@ fn copy_known(from: &FileRecord, to: &FileRecord) {
 /// The on-disk form of a revision.
 #[derive(Serialize, Deserialize)]
 struct SavedRevision {
+    /// The cache format it was written in (`crate::format::CACHE_FORMAT`; absent before
+    /// formats were recorded). One from a newer format is skipped, never misread.
+    #[serde(default)]
+    format: u32,
     name: String,
     /// Absent in manifests of originals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,6 +325,7 @@ impl ManifestStore {
         let confirmed = *rev.confirmed_at.lock().expect("revision lock poisoned");
         let original = rev.variant == modelcache_proto::reference::ORIGINAL;
         let saved = SavedRevision {
+            format: crate::format::CACHE_FORMAT,
             name: rev.name.clone(),
             variant: (!original).then(|| rev.variant.clone()),
             source: rev.source.clone(),
@@ -379,6 +384,13 @@ impl ManifestStore {
 }
 
 fn restore(mut saved: SavedRevision) -> Result<Revision, String> {
+    if saved.format > crate::format::CACHE_FORMAT {
+        return Err(format!(
+            "it was written in cache format {}, and this node reads up to {}",
+            saved.format,
+            crate::format::CACHE_FORMAT
+        ));
+    }
     if !saved.intact() {
         return Err(
             "its checksum does not match its contents (damaged on disk); the model \

@@ -99,6 +99,7 @@ impl Registry {
     pub async fn open(config: &Config, origin: Origin) -> Result<Self> {
         // Before anything is created in the cache dir: a refused start leaves nothing.
         let lock = DirLock::acquire(&config.cache_dir)?;
+        crate::format::prepare(&config.cache_dir)?;
         let memory = config.memory_capacity.as_u64();
         let originals = ChunkCache::open(
             &config.cache_dir.join("tiers"),

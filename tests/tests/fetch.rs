@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use cache_agent::Progress;
+use cache_agent::{AgentError, Progress};
 use modelcache_proto::{CHUNK_SIZE, Reference};
 use modelcache_testkit::*;
 
@@ -266,4 +266,57 @@ async fn agents_sharing_one_directory_take_turns_and_transfer_once() {
             assert!(node.agent(&dir).rm(&r("resnet50")).unwrap());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formats_are_recorded_and_a_newer_format_is_never_misread() {
+    let sandbox = Sandbox::start().await;
+    let files: ModelFiles = vec![("model.onnx".into(), data(44, 3 * MIB))];
+    sandbox.seed("resnet50", &files).await;
+    let config = sandbox.node_config();
+    let node = TestNode::start(config.clone()).await;
+    let dir = sandbox.dir();
+    node.agent(&dir)
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap();
+    node.idle().await;
+    node.stop().await;
+    let format = std::fs::read_to_string(config.cache_dir.join("format")).unwrap();
+    assert_eq!(format, "modelcache-cache 1\n");
+    let agent_format = std::fs::read_to_string(dir.join(".modelcache-format")).unwrap();
+    assert_eq!(agent_format, "modelcache-agent-dir 1\n");
+
+    // A cache from before formats were recorded is reused: served from disk, no origin GET.
+    std::fs::remove_file(config.cache_dir.join("format")).unwrap();
+    sandbox.s3.tap.reset();
+    let node = TestNode::start(config.clone()).await;
+    let (_d, fetched) = node.prefetch_fresh("resnet50").await;
+    assert_same_files(&fetched.path, &files);
+    assert_eq!(sandbox.s3.tap.get_count(), 0);
+    node.stop().await;
+
+    // A newer node's cache (after a downgrade) is dropped, not misread: the model comes
+    // from the origin again, byte for byte.
+    std::fs::write(config.cache_dir.join("format"), "modelcache-cache 7\n").unwrap();
+    sandbox.s3.tap.reset();
+    let node = TestNode::start(config.clone()).await;
+    let (_d, fetched) = node.prefetch_fresh("resnet50").await;
+    assert_same_files(&fetched.path, &files);
+    assert!(sandbox.s3.tap.get_count() > 0);
+
+    // A newer agent's directory is refused, naming both formats, and left as it was.
+    std::fs::write(dir.join(".modelcache-format"), "modelcache-agent-dir 9\n").unwrap();
+    let err = node
+        .agent(&dir)
+        .prefetch(&r("resnet50"), &Progress::hidden())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Incompatible { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("format 9") && err.to_string().contains("up to 1"),
+        "{err}"
+    );
+    let agent_format = std::fs::read_to_string(dir.join(".modelcache-format")).unwrap();
+    assert_eq!(agent_format, "modelcache-agent-dir 9\n");
 }

@@ -58,6 +58,7 @@ pub async fn prefetch(
         idle_timeout,
     } = conn;
     let manifest = resolve(client, reference, progress).await?;
+    layout.check_format(true)?;
     // One fetch of a model into this directory at a time, across processes: the others
     // wait here and then find it present. Taken once the node knows the model, so a
     // reference that fails leaves nothing behind.
