@@ -146,6 +146,16 @@ pub enum Error {
     #[error("origin {origin} failed: {detail}")]
     Origin { origin: String, detail: String },
 
+    #[error(
+        "model {name:?} in origin {origin} holds an object whose name cannot be used ({detail}); \
+         rename or remove it in the origin"
+    )]
+    OriginUnusableKey {
+        origin: String,
+        name: String,
+        detail: String,
+    },
+
     #[error("the node is shutting down; retry on another node or once it is back")]
     ShuttingDown,
 

@@ -221,12 +221,16 @@ impl Origin {
         self.check_local_root("*")?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let objects: Vec<_> = self
-            .store
-            .list(prefix)
-            .try_collect()
-            .await
-            .map_err(|e| self.classify("*", e))?;
+        let objects: Vec<_> = match self.store.list(prefix).try_collect().await {
+            Ok(objects) => objects,
+            // One unusable key ends a listing; list folder by folder to leave out only the
+            // folder that holds it.
+            Err(object_store::Error::InvalidPath { source }) => {
+                tracing::warn!(origin = %self.display, "the origin holds an unusable key ({source}); listing folder by folder");
+                self.list_by_folder().await?
+            }
+            Err(e) => return Err(self.classify("*", e)),
+        };
         let mut folders = BTreeSet::new();
         for meta in objects {
             let Some(rel) = meta.location.prefix_match(&self.prefix) else {
@@ -256,6 +260,31 @@ impl Origin {
             }
         }
         Ok(models)
+    }
+
+    /// Every object under the prefix, folder by folder; a folder whose listing fails on an
+    /// unusable key is left out with a warning naming it, the rest are listed.
+    async fn list_by_folder(&self) -> Result<Vec<object_store::ObjectMeta>> {
+        let mut objects = Vec::new();
+        let mut folders = vec![self.prefix.clone()];
+        while let Some(folder) = folders.pop() {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let at = (!folder.as_ref().is_empty()).then_some(&folder);
+            match self.store.list_with_delimiter(at).await {
+                Ok(listed) => {
+                    objects.extend(listed.objects);
+                    folders.extend(listed.common_prefixes);
+                }
+                Err(object_store::Error::InvalidPath { source }) => {
+                    tracing::warn!(
+                        origin = %self.display, folder = %folder,
+                        "leaving out a folder that holds an unusable key: {source}"
+                    );
+                }
+                Err(e) => return Err(self.classify("*", e)),
+            }
+        }
+        Ok(objects)
     }
 
     /// Reads `range` of one file, checking that the bytes come from the listed ETag and
@@ -434,9 +463,10 @@ impl Origin {
                     }
                 }
             }
-            object_store::Error::InvalidPath { source } => Error::Origin {
+            object_store::Error::InvalidPath { source } => Error::OriginUnusableKey {
                 origin,
-                detail: format!("it holds an object with an unusable path: {source}"),
+                name: name.to_owned(),
+                detail: source.to_string(),
             },
             other => Error::Origin {
                 origin,

@@ -39,6 +39,7 @@ pub fn code(error: &Error) -> Code {
         Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
         Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         Error::UnsafeModelPath { .. }
+        | Error::OriginUnusableKey { .. }
         | Error::OriginDenied { .. }
         | Error::VariantFailed { .. } => Code::FailedPrecondition,
         Error::OriginUnavailable { .. }

@@ -413,3 +413,36 @@ async fn a_hung_origin_does_not_hold_up_a_cached_model() {
     );
     sandbox.s3.tap.delay_all_ms.store(0, Ordering::SeqCst);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unusable_name_leaves_out_its_model_and_lists_the_rest() {
+    use std::os::unix::ffi::OsStrExt;
+    let sandbox = Sandbox::start().await;
+    let origin = sandbox.dir();
+    for model in ["good", "bad", "zeta"] {
+        std::fs::create_dir_all(origin.join(model)).unwrap();
+        std::fs::write(origin.join(model).join("model.bin"), data(9, 100)).unwrap();
+    }
+    // A file name that is not UTF-8: no object key can name it.
+    let unusable = std::ffi::OsStr::from_bytes(b"\xff.bin");
+    std::fs::write(origin.join("bad").join(unusable), b"x").unwrap();
+    let node = TestNode::start(sandbox.local_config(&origin)).await;
+
+    // `List` leaves out the folder with the bad name and lists the rest from the origin
+    // (nothing is cached yet, so these names can only come from a listing).
+    let models = node.agent(&sandbox.dir()).models().await.unwrap();
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["good", "zeta"]);
+    // The model itself is refused as a problem of the origin's, naming it.
+    let status = node
+        .client()
+        .await
+        .resolve(ResolveRequest {
+            reference: "bad".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("\"bad\""), "{status:?}");
+    node.prefetch_fresh("good").await;
+}
