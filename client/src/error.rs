@@ -131,8 +131,34 @@ impl AgentError {
     }
 }
 
+/// Whether a status says the connection itself broke (a node that died or was cut off),
+/// rather than the node answering with an error.
+fn connection_broke(status: &tonic::Status) -> bool {
+    let text = status.message();
+    matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Unavailable
+    ) && [
+        "h2 protocol error",
+        "error reading a body from connection",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|needle| text.to_ascii_lowercase().contains(needle))
+}
+
 impl From<tonic::Status> for AgentError {
     fn from(status: tonic::Status) -> Self {
+        if connection_broke(&status) {
+            return AgentError::Unavailable {
+                message: format!(
+                    "the connection to the node broke ({}); what arrived is kept: run again \
+                     to resume",
+                    status.message()
+                ),
+            };
+        }
         let message = status.message().to_owned();
         match status.code() {
             Code::NotFound => AgentError::NotFound { message },
@@ -177,5 +203,11 @@ mod tests {
             AgentError::from(tonic::Status::aborted("changed")),
             AgentError::Aborted { .. }
         ));
+        // A connection cut mid-stream says what to do.
+        let cut = AgentError::from(tonic::Status::unknown(
+            "h2 protocol error: error reading a body from connection",
+        ));
+        assert!(matches!(cut, AgentError::Unavailable { .. }), "{cut:?}");
+        assert!(cut.to_string().contains("run again to resume"), "{cut}");
     }
 }

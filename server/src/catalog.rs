@@ -257,7 +257,7 @@ impl Catalog {
             }
             Err(e) => match state.current.clone() {
                 Some(revision) => {
-                    let reason = e.to_string();
+                    let reason = e.stale_reason();
                     tracing::warn!(model = name, "serving cached revision: {reason}");
                     state.validated_at = Some(Instant::now());
                     state.stale_reason = Some(reason.clone());

@@ -235,6 +235,18 @@ impl Error {
         }
     }
 
+    /// Why the origin could not be re-listed, said of a model whose cached revision is
+    /// served meanwhile (the unreachable-origin message says nothing is cached, which is
+    /// then not so).
+    pub fn stale_reason(&self) -> String {
+        match self.root() {
+            Error::OriginUnavailable { origin, detail, .. } => {
+                format!("origin {origin} is unreachable: {detail}")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// This error, or the one a shared fetch or build handed to every waiter.
     pub fn root(&self) -> &Error {
         match self {

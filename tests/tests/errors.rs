@@ -326,6 +326,11 @@ async fn changed_origin_is_a_new_revision_and_errors_serve_stale() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(manifest.stale, "{manifest:?}");
+    assert!(
+        manifest.stale_reason.contains("unreachable") && !manifest.stale_reason.contains("nothing"),
+        "{}",
+        manifest.stale_reason
+    );
     let (_dir2, fetched) = node.prefetch_fresh("resnet50").await;
     assert_same_files(&fetched.path, &v2);
 }
