@@ -136,6 +136,10 @@ impl Agent {
                 idle_timeout: self.idle_timeout,
             };
             match transfer::prefetch(conn, &self.layout, reference, progress).await {
+                Ok(fetched) => {
+                    self.layout.check_format(true)?;
+                    return Ok(fetched);
+                }
                 Err(e @ AgentError::Aborted { .. }) if attempt < MAX_ATTEMPTS => {
                     tracing::info!(%reference, "{e}; fetching the new revision");
                 }

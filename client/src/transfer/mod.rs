@@ -58,7 +58,9 @@ pub async fn prefetch(
         idle_timeout,
     } = conn;
     let manifest = resolve(client, reference, progress).await?;
-    layout.check_format(true)?;
+    // Refuse a newer agent's directory before anything is written (recorded once a
+    // model landed: a failed prefetch leaves nothing behind).
+    layout.check_format(false)?;
     // One fetch of a model into this directory at a time, across processes: the others
     // wait here and then find it present. Taken once the node knows the model, so a
     // reference that fails leaves nothing behind.
