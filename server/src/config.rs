@@ -87,6 +87,15 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_S3_ALLOW_HTTP")]
     pub s3_allow_http: Option<bool>,
 
+    /// Connections served at once; beyond it, new ones wait until one closes.
+    #[arg(long, env = "CACHE_NODE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// How long a new connection may take to send its first bytes (the HTTP/2 preface)
+    /// before it is closed.
+    #[arg(long, env = "CACHE_NODE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Once the node serves, write the address it listens on (`IP:PORT`, one line) to this
     /// file, replacing it atomically: how scripts find a node started with `--listen
     /// 127.0.0.1:0`, and know that it is ready.

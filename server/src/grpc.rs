@@ -9,18 +9,25 @@ use std::time::Duration;
 use modelcache_proto::v1::model_cache_server::ModelCacheServer;
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::service::NodeService;
-use crate::{layers, wire};
+use crate::{layers, listener, wire};
+
+/// Which connections the server admits (`listener`).
+#[derive(Clone, Copy, Debug)]
+pub struct Admission {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+}
 
 /// Serves `registry` on `listener` until `shutdown` completes, then stops accepting and
 /// cuts open streams.
 pub async fn serve(
     registry: Arc<Registry>,
     listener: TcpListener,
+    admission: Admission,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = listener
@@ -64,7 +71,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            listener::incoming(
+                listener,
+                admission.max_connections,
+                admission.handshake_timeout,
+            ),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Config(format!("gRPC server: {e}")))
 }

@@ -24,6 +24,7 @@ pub mod finisher;
 pub mod format;
 pub mod grpc;
 pub mod layers;
+pub mod listener;
 pub mod manifest;
 pub mod origin;
 pub mod registry;
@@ -49,6 +50,7 @@ use crate::registry::Registry;
 /// A node's state, opened but not yet serving.
 pub struct Node {
     registry: Arc<Registry>,
+    admission: grpc::Admission,
 }
 
 impl Node {
@@ -63,6 +65,10 @@ impl Node {
         let registry = Registry::open(config, origin).await?;
         Ok(Self {
             registry: Arc::new(registry),
+            admission: grpc::Admission {
+                max_connections: config.max_connections,
+                handshake_timeout: config.handshake_timeout,
+            },
         })
     }
 
@@ -78,7 +84,7 @@ impl Node {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
-        let result = grpc::serve(self.registry.clone(), listener, shutdown).await;
+        let result = grpc::serve(self.registry.clone(), listener, self.admission, shutdown).await;
         self.registry.shutdown().await?;
         result
     }

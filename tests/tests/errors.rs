@@ -436,3 +436,58 @@ async fn a_node_that_stalls_mid_stream_ends_the_attempt_and_the_next_node_finish
         .unwrap();
     assert_same_files(&fetched.path, &files);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_the_connection_cap_makes_others_wait() {
+    use std::io::Read;
+    let sandbox = Sandbox::with_model("m", &vec![("model.bin".into(), data(12, 1000))]).await;
+    let mut config = sandbox.node_config();
+    config.max_connections = 1;
+    config.handshake_timeout = Duration::from_secs(3);
+    let node = TestNode::start(config).await;
+    let addr = node.url.trim_start_matches("http://").to_owned();
+
+    // A connection that never speaks HTTP/2 holds the only slot...
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let opened = std::time::Instant::now();
+    // ...so a client's request waits for it (it is not answered within half a second)...
+    let waiting = tokio::time::timeout(Duration::from_millis(500), async {
+        node.client()
+            .await
+            .resolve(ResolveRequest {
+                reference: "m".into(),
+            })
+            .await
+    })
+    .await;
+    assert!(
+        waiting.is_err() || opened.elapsed() > Duration::from_secs(3),
+        "answered while the silent connection held the only slot: {waiting:?}"
+    );
+    // ...until the node closes the silent one after the handshake timeout; then it is
+    // served.
+    // (The node's own HTTP/2 settings arrive first; then the connection ends.)
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut silent = silent;
+        let mut buf = [0u8; 64];
+        loop {
+            match silent.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed.is_ok(),
+        "the silent connection was not closed: {closed:?}"
+    );
+    let (_dir, fetched) = node.prefetch_fresh("m").await;
+    assert_same_files(&fetched.path, &vec![("model.bin".into(), data(12, 1000))]);
+}
