@@ -196,11 +196,21 @@ impl Catalog {
                 .expect("model slot lock poisoned") = None;
             Ok(result)
         });
+        let failed_slot = slot.clone();
         let refresh = async move {
             match task.await {
                 Ok(Ok(result)) => result,
+                // Ended with the node, nothing to undo.
                 Ok(Err(e)) => Err(Arc::new(e)),
-                Err(e) => Err(Arc::new(Error::task_failed("listing a model", e))),
+                // The task never got to let go of the slot itself: do it here, so the next
+                // request lists again instead of getting this failure forever.
+                Err(e) => {
+                    *failed_slot
+                        .refreshing
+                        .lock()
+                        .expect("model slot lock poisoned") = None;
+                    Err(Arc::new(Error::task_failed("listing a model", e)))
+                }
             }
         }
         .boxed()
@@ -282,8 +292,13 @@ impl Catalog {
         }
     }
 
+    /// How long "no such model" is remembered here.
+    fn negative_ttl(&self) -> Duration {
+        NEGATIVE_TTL.min(self.revalidate_after)
+    }
+
     fn known_missing(&self, name: &str) -> Option<Error> {
-        let ttl = NEGATIVE_TTL.min(self.revalidate_after);
+        let ttl = self.negative_ttl();
         let missing = self.missing.lock().expect("catalog lock poisoned");
         let (at, hint) = missing.get(name)?;
         (at.elapsed() < ttl).then(|| Error::ModelNotFound {
@@ -294,7 +309,7 @@ impl Catalog {
     }
 
     fn remember_missing(&self, name: &str, hint: &str) {
-        let ttl = NEGATIVE_TTL.min(self.revalidate_after);
+        let ttl = self.negative_ttl();
         if ttl.is_zero() {
             return;
         }

@@ -29,6 +29,23 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The address a node started with `--ready-file ready` serves on: it writes the address
+/// it bound (one line) to that file once it serves.
+async fn ready_addr(ready: &Path) -> std::net::SocketAddr {
+    assert!(
+        wait_for(Duration::from_secs(30), || ready.exists()).await,
+        "node did not start"
+    );
+    let addr = std::fs::read_to_string(ready).unwrap();
+    assert!(
+        addr.ends_with('\n') && addr.lines().count() == 1,
+        "{addr:?}"
+    );
+    let addr: std::net::SocketAddr = addr.trim().parse().unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    addr
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -173,18 +190,7 @@ async fn node_and_agent_binaries_as_a_user_runs_them() {
             .spawn()
             .unwrap(),
     );
-    // The node writes the address it bound to its ready file once it serves.
-    assert!(
-        wait_for(Duration::from_secs(30), || ready.exists()).await,
-        "node did not start"
-    );
-    let addr = std::fs::read_to_string(&ready).unwrap();
-    assert!(
-        addr.ends_with('\n') && addr.lines().count() == 1,
-        "{addr:?}"
-    );
-    let addr: std::net::SocketAddr = addr.trim().parse().unwrap();
-    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let addr = ready_addr(&ready).await;
     let url = format!("http://{addr}");
     let dir = tempfile::tempdir().unwrap();
 
@@ -356,10 +362,7 @@ async fn node_raises_its_open_file_limit_to_the_hard_limit() {
             .spawn()
             .unwrap(),
     );
-    assert!(
-        wait_for(Duration::from_secs(30), || ready.exists()).await,
-        "node did not start"
-    );
+    ready_addr(&ready).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.0.id())).unwrap();
     let line = limits
         .lines()
