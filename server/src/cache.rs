@@ -10,14 +10,18 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, LruConfig, PsyncIoEngineConfig, RecoverMode, Source,
+    HybridCacheEntry, HybridCachePolicy, HybridCacheProperties, Location, LruConfig,
+    PsyncIoEngineConfig, RecoverMode, Source,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::landing::Landing;
 use modelcache_proto::CHUNK_SIZE;
 
 /// Room one chunk takes in a foyer disk block: its bytes, plus a 4 KiB page for the entry
@@ -168,6 +172,11 @@ pub enum Tier {
 
 pub struct ChunkCache {
     hybrid: HybridCache<ChunkKey, ChunkValue>,
+    /// Chunks read from the origin that the disk tier does not hold yet.
+    landing: Arc<Landing>,
+    /// Stops the task that lands them.
+    stop: CancellationToken,
+    lander: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Where the disk tier lives, for messages.
     dir: String,
 }
@@ -217,30 +226,93 @@ impl ChunkCache {
             .await
             .map_err(|e| tier_error(dir, e))?;
         reserve(dir)?;
+        let landing = Arc::new(Landing::new());
+        let stop = CancellationToken::new();
+        let lander = tokio::spawn(landing.clone().run(hybrid.clone(), stop.clone()));
         Ok(Self {
             hybrid,
+            landing,
+            stop,
+            lander: std::sync::Mutex::new(Some(lander)),
             dir: dir.display().to_string(),
         })
     }
 
-    /// The chunk from memory, disk, or `fetch`; concurrent misses on one key share one
-    /// fetch.
-    pub async fn get_or_fetch<F>(&self, key: ChunkKey, fetch: F) -> Result<(ChunkValue, Tier)>
+    /// The chunk from memory, disk, or `read` (a read of the origin); concurrent misses on
+    /// one key share one read. What `read` returns is written to the disk tier once, and
+    /// held until the disk tier has it.
+    ///
+    /// foyer's own `get_or_fetch` queues the entry for the disk tier again on every call
+    /// that returns it, hits and waiters included: 64 streams of one model wrote each
+    /// chunk up to 64 times, and the copies evicted each other (and other chunks) from the
+    /// disk tier. So memory hits are answered here, and read chunks are marked in-memory
+    /// for foyer and written by this cache alone.
+    pub async fn get_or_read<F>(&self, key: ChunkKey, read: F) -> Result<(ChunkValue, Tier)>
     where
         F: Future<Output = Result<ChunkValue>> + Send + 'static,
     {
-        let fetch = async move { fetch.await.map_err(|e| SharedError(std::sync::Arc::new(e))) };
+        if let Some(value) = self.landing.get(&key) {
+            return Ok((value, Tier::Memory));
+        }
+        if let Some(entry) = self.hybrid.memory().get(&key) {
+            return Ok((entry.value().clone(), Tier::Memory));
+        }
+        // The room this call's read took, if its read was the one that ran.
+        let room = Arc::new(std::sync::Mutex::new(None));
+        let fetch = {
+            let landing = self.landing.clone();
+            let room = room.clone();
+            async move {
+                if let Some(value) = landing.get(&key) {
+                    return Ok(value);
+                }
+                let permit = landing.room().await;
+                let value = read.await?;
+                *room.lock().expect("room lock") = Some(permit);
+                Ok(value)
+            }
+        };
+        let entry = self.get_or_fetch(key, fetch).await?;
+        let value = entry.value().clone();
+        if let Some(permit) = room.lock().expect("room lock").take() {
+            // Queued before it is held, so that landing's next round waits for this write.
+            self.hybrid.storage().enqueue(entry.piece(), true);
+            self.landing.hold(key, value.clone(), permit);
+        }
+        Ok((value, tier_of(entry.source())))
+    }
+
+    /// The chunk from memory or disk, or `None`.
+    pub async fn get(&self, key: ChunkKey) -> Result<Option<(ChunkValue, Tier)>> {
         let entry = self
             .hybrid
+            .get(&key)
+            .await
+            .map_err(|e| tier_error(Path::new(&self.dir), e))?;
+        Ok(entry.map(|entry| (entry.value().clone(), tier_of(entry.source()))))
+    }
+
+    async fn get_or_fetch<F>(
+        &self,
+        key: ChunkKey,
+        fetch: F,
+    ) -> Result<HybridCacheEntry<ChunkKey, ChunkValue>>
+    where
+        F: Future<Output = Result<ChunkValue>> + Send + 'static,
+    {
+        let fetch = async move {
+            match fetch.await {
+                Ok(value) => Ok((
+                    value,
+                    HybridCacheProperties::default().with_location(Location::InMem),
+                )),
+                Err(e) => Err(SharedError(Arc::new(e))),
+            }
+        };
+        self.hybrid
             .get_or_fetch(&key, move || fetch)
             .await
-            .map_err(|e| unwrap_fetch_error(&self.dir, e))?;
-        let tier = match entry.source() {
-            Source::Memory => Tier::Memory,
-            Source::Disk => Tier::Disk,
-            Source::Outer => Tier::Origin,
-        };
-        Ok((entry.value().clone(), tier))
+            .map_err(|e| unwrap_fetch_error(&self.dir, e))
     }
 
     /// Inserts a chunk built on this node (a variant's bytes); it is written to disk too.
@@ -249,6 +321,7 @@ impl ChunkCache {
     }
 
     pub fn remove(&self, key: &ChunkKey) {
+        self.landing.forget(key);
         self.hybrid.remove(key);
     }
 
@@ -304,8 +377,13 @@ impl ChunkCache {
         missing
     }
 
-    /// Flushes the disk tier and stops its workers.
+    /// Lands what was read from the origin, flushes the disk tier and stops its workers.
     pub async fn close(&self) -> Result<()> {
+        self.stop.cancel();
+        let lander = self.lander.lock().expect("lander lock").take();
+        if let Some(lander) = lander {
+            let _ = lander.await;
+        }
         self.hybrid
             .close()
             .await
@@ -369,6 +447,14 @@ fn reserve(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn tier_of(source: Source) -> Tier {
+    match source {
+        Source::Memory => Tier::Memory,
+        Source::Disk => Tier::Disk,
+        Source::Outer => Tier::Origin,
+    }
+}
+
 fn tier_error(dir: &Path, detail: impl std::fmt::Display) -> Error {
     Error::Tier {
         dir: dir.display().to_string(),
@@ -386,7 +472,7 @@ fn unwrap_fetch_error(dir: &str, err: foyer::Error) -> Error {
 
 /// A fetch error handed to every waiter of one shared fetch.
 #[derive(Debug, Clone)]
-pub struct SharedError(pub std::sync::Arc<Error>);
+pub struct SharedError(pub Arc<Error>);
 
 impl std::fmt::Display for SharedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -91,14 +91,7 @@ impl ChunkReader {
         let expected = record.digests[index as usize].get().copied();
         for _attempt in 0..2 {
             let (value, tier) = if record.built {
-                let missing = std::future::ready(Err(evicted(rev)));
-                cache
-                    .get_or_fetch(key, missing)
-                    .await
-                    .map_err(|e| match e.root() {
-                        Error::VariantEvicted { .. } => evicted(rev),
-                        _ => e,
-                    })?
+                cache.get(key).await?.ok_or_else(|| evicted(rev))?
             } else {
                 let origin = self.origin.clone();
                 let name = rev.name.clone();
@@ -108,7 +101,7 @@ impl ChunkReader {
                     let data = origin.read_range(&name, &origin_file, range).await?;
                     Ok(ChunkValue::new(data))
                 };
-                cache.get_or_fetch(key, fetch).await?
+                cache.get_or_read(key, fetch).await?
             };
             // A disk entry carries the digest it was written with: check the bytes too.
             let intact = (tier != Tier::Disk || value.is_intact())

@@ -23,6 +23,7 @@ pub mod error;
 pub mod finisher;
 pub mod format;
 pub mod grpc;
+pub mod landing;
 pub mod layers;
 pub mod listener;
 pub mod manifest;

@@ -320,3 +320,60 @@ async fn formats_are_recorded_and_a_newer_format_is_never_misread() {
     let agent_format = std::fs::read_to_string(dir.join(".modelcache-format")).unwrap();
     assert_eq!(agent_format, "modelcache-agent-dir 9\n");
 }
+
+/// 64 streams of one cold model at once, on a memory tier far smaller than the model: each
+/// chunk is still read from the origin once, and every chunk reaches the disk tier. (The
+/// streams drift apart, so a lagging one asks for chunks the memory tier has already let
+/// go of; they must come from the disk tier or from the read still in flight.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_cold_streams_read_each_chunk_once_and_persist_all() {
+    const STREAMS: usize = 64;
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
+    let files: ModelFiles = vec![("model.bin".into(), data(21, 128 * CHUNK_SIZE as usize))];
+    sandbox.seed("wide", &files).await;
+    s3.tap.get_delay_ms.store(5, Ordering::SeqCst);
+    let mut config = sandbox.node_config();
+    config.memory_capacity = bytesize::ByteSize::mib(64);
+    let node = TestNode::start(config).await;
+    let expected = blake3::hash(&files[0].1);
+    let streams = (0..STREAMS).map(|_| async {
+        let mut stream = node.fetch_stream("wide").await;
+        let mut hasher = blake3::Hasher::new();
+        while let Some(message) = stream.message().await.unwrap() {
+            if let Some(modelcache_proto::v1::fetch_response::Item::Chunk(c)) = message.item {
+                hasher.update(&c.data);
+            }
+        }
+        hasher.finalize()
+    });
+    for got in futures::future::join_all(streams).await {
+        assert_eq!(got, expected);
+    }
+    // The finisher's SHA-256 pass reads the model once more, through the tiers.
+    node.idle().await;
+    let gets = s3.tap.gets();
+    let ranges = &gets["models/wide/model.bin"];
+    let mut unique = ranges.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        (ranges.len(), unique.len()),
+        (128, 128),
+        "origin reads per chunk: {:.2}",
+        ranges.len() as f64 / 128.0
+    );
+    let resolved = node.registry.resolve(&r("wide")).await.unwrap();
+    let tiers = node.registry.tier_counts(&resolved.revision);
+    assert_eq!(tiers.disk_chunks, tiers.total_chunks, "{tiers:?}");
+    // And they are really there: the disk tier alone gives every chunk back intact.
+    let originals = node.registry.tier_caches().0;
+    originals.clear_memory();
+    for (i, key) in resolved.revision.files[0].keys.iter().enumerate() {
+        let value = originals.load_from_disk(key).await.unwrap();
+        assert!(
+            value.is_some_and(|v| v.is_intact()),
+            "chunk {i} not on disk"
+        );
+    }
+}
