@@ -173,7 +173,7 @@ pub enum Tier {
 pub struct ChunkCache {
     hybrid: HybridCache<ChunkKey, ChunkValue>,
     /// Chunks read from the origin that the disk tier does not hold yet.
-    landing: Arc<Landing>,
+    landing: Arc<Landing<ChunkKey, ChunkValue>>,
     /// Stops the task that lands them.
     stop: CancellationToken,
     lander: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,

@@ -91,6 +91,16 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
+    /// Streams (RPCs) open at once on one connection. The node announces it to clients in
+    /// its HTTP/2 settings, so theirs wait for a free stream; HTTP/2 refuses streams
+    /// beyond it (REFUSED_STREAM) from clients that ignore the setting.
+    #[arg(
+        long,
+        env = "CACHE_NODE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    pub max_streams_per_connection: u32,
+
     /// How long a new connection may take to send its first bytes (the HTTP/2 preface)
     /// before it is closed.
     #[arg(long, env = "CACHE_NODE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

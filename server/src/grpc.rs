@@ -19,6 +19,7 @@ use crate::{layers, listener, wire};
 #[derive(Clone, Copy, Debug)]
 pub struct Admission {
     pub max_connections: usize,
+    pub max_streams_per_connection: u32,
     pub handshake_timeout: Duration,
 }
 
@@ -58,12 +59,16 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Config(format!("reflection: {e}")))?;
     let stats = registry.node_stats().clone();
+    let trimmer = tokio::spawn(crate::trim::return_freed_memory(
+        registry.read_ahead().clone(),
+    ));
     tracing::info!(%addr, origin = registry.origin(), "cache-node serving");
     let service = wire::ModelCacheService::new(NodeService::new(registry), MAX_MESSAGE_SIZE);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(admission.max_streams_per_connection.max(1))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(layers::stack(stats))
@@ -80,5 +85,7 @@ pub async fn serve(
             shutdown,
         )
         .await
-        .map_err(|e| Error::Config(format!("gRPC server: {e}")))
+        .map_err(|e| Error::Config(format!("gRPC server: {e}")));
+    trimmer.abort();
+    served
 }

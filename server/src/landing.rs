@@ -13,11 +13,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use foyer::HybridCache;
+use foyer::{HybridCache, StorageKey, StorageValue};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{ChunkKey, ChunkValue};
 use modelcache_proto::CHUNK_SIZE;
 
 /// Bytes of chunks read from the origin and not yet on disk, at most.
@@ -27,8 +26,9 @@ const UNIT: u64 = 1024;
 /// Writes of one chunk after which landing gives up on it (the disk tier is failing).
 const MAX_ATTEMPTS: u32 = 8;
 
-pub struct Landing {
-    entries: Mutex<HashMap<ChunkKey, Entry>>,
+/// Generic over the tier's key and value, which `cache.rs` defines.
+pub struct Landing<K, V> {
+    entries: Mutex<HashMap<K, Entry<V>>>,
     /// Bumped at the start of each round; an entry is checked only by a round that began
     /// after it arrived, so the disk write its arrival queued has been waited for.
     round: AtomicU64,
@@ -36,20 +36,20 @@ pub struct Landing {
     wake: Notify,
 }
 
-struct Entry {
-    value: ChunkValue,
+struct Entry<V> {
+    value: V,
     round: u64,
     attempts: u32,
     _room: OwnedSemaphorePermit,
 }
 
-impl Default for Landing {
+impl<K: StorageKey + Clone, V: StorageValue + Clone> Default for Landing<K, V> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Landing {
+impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
     pub fn new() -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
@@ -60,7 +60,7 @@ impl Landing {
     }
 
     /// A chunk read from the origin that the disk tier does not hold yet.
-    pub fn get(&self, key: &ChunkKey) -> Option<ChunkValue> {
+    pub fn get(&self, key: &K) -> Option<V> {
         self.entries
             .lock()
             .expect("landing lock")
@@ -79,7 +79,7 @@ impl Landing {
 
     /// Holds a chunk just read from the origin (and inserted into the tiers) until the
     /// disk tier has it.
-    pub fn hold(&self, key: ChunkKey, value: ChunkValue, room: OwnedSemaphorePermit) {
+    pub fn hold(&self, key: K, value: V, room: OwnedSemaphorePermit) {
         let round = self.round.load(Ordering::SeqCst);
         self.entries.lock().expect("landing lock").insert(
             key,
@@ -94,7 +94,7 @@ impl Landing {
     }
 
     /// Drops a chunk found damaged, so that it is read again.
-    pub fn forget(&self, key: &ChunkKey) {
+    pub fn forget(&self, key: &K) {
         self.entries.lock().expect("landing lock").remove(key);
     }
 
@@ -104,11 +104,7 @@ impl Landing {
 
     /// Lets go of the chunks the disk tier holds and writes the others again, round after
     /// round, until `stop`; then drains what it can.
-    pub async fn run(
-        self: Arc<Self>,
-        hybrid: HybridCache<ChunkKey, ChunkValue>,
-        stop: CancellationToken,
-    ) {
+    pub async fn run(self: Arc<Self>, hybrid: HybridCache<K, V>, stop: CancellationToken) {
         loop {
             if self.is_empty() {
                 tokio::select! {
@@ -130,7 +126,7 @@ impl Landing {
         }
     }
 
-    async fn round_once(&self, hybrid: &HybridCache<ChunkKey, ChunkValue>) {
+    async fn round_once(&self, hybrid: &HybridCache<K, V>) {
         let round = self.round.fetch_add(1, Ordering::SeqCst);
         let storage = hybrid.storage();
         storage.wait().await;
@@ -154,7 +150,7 @@ impl Landing {
                     return false;
                 }
                 entry.round = round + 1;
-                again.push((*key, entry.value.clone()));
+                again.push((key.clone(), entry.value.clone()));
                 true
             });
         for (key, value) in again {

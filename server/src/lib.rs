@@ -28,10 +28,12 @@ pub mod layers;
 pub mod listener;
 pub mod manifest;
 pub mod origin;
+pub mod readahead;
 pub mod registry;
 pub mod service;
 pub mod stats;
 pub mod tasks;
+pub mod trim;
 pub mod variants;
 pub mod wire;
 
@@ -68,6 +70,7 @@ impl Node {
             registry: Arc::new(registry),
             admission: grpc::Admission {
                 max_connections: config.max_connections,
+                max_streams_per_connection: config.max_streams_per_connection,
                 handshake_timeout: config.handshake_timeout,
             },
         })

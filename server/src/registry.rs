@@ -21,6 +21,7 @@ use crate::error::{Error, Result, quote};
 use crate::finisher::Finisher;
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
+use crate::readahead::{ReadAhead, ReadAheadBudget, Ticket};
 use crate::stats::{NodeStats, Stats};
 use crate::tasks::Background;
 use crate::variants::{BuildState, BuilderOptions, VariantBuilder};
@@ -91,6 +92,8 @@ pub struct Registry {
     manifests: Arc<ManifestStore>,
     background: Background,
     stats: Arc<NodeStats>,
+    /// Room for chunks streams read ahead of their clients.
+    read_ahead: ReadAheadBudget,
 }
 
 impl Registry {
@@ -162,8 +165,14 @@ impl Registry {
             manifests,
             background,
             stats,
+            read_ahead: ReadAheadBudget::for_memory_capacity(memory),
             _lock: lock,
         })
+    }
+
+    /// The room streams read ahead in.
+    pub fn read_ahead(&self) -> &ReadAheadBudget {
+        &self.read_ahead
     }
 
     /// How the origin is named in messages.
@@ -260,24 +269,28 @@ impl Registry {
         }
         let plan = chunk_plan(&rev, start_file, request.offset / CHUNK_SIZE);
         let this = self.clone();
-        let chunks = stream::iter(plan)
-            .map(move |(f, i)| {
-                let this = this.clone();
-                let rev = rev.clone();
-                async move {
-                    let read = this.chunk(&rev, f, i).await?;
-                    this.stats.served(read.value.data.len() as u64);
-                    Ok(Chunk {
-                        file_index: f as u32,
-                        offset: i * CHUNK_SIZE,
-                        data: read.value.data,
-                        digest: read.value.digest,
-                        tier: read.tier,
-                    })
-                }
-            })
-            .buffered(self.reader.parallelism())
-            .boxed();
+        let read_chunk = move |(f, i): (usize, u64), ticket: Ticket| {
+            let this = this.clone();
+            let rev = rev.clone();
+            async move {
+                let read = this.chunk(&rev, f, i).await?;
+                this.stats.served(read.value.data.len() as u64);
+                Ok(Chunk {
+                    file_index: f as u32,
+                    offset: i * CHUNK_SIZE,
+                    data: ticket.attach(read.value.data),
+                    digest: read.value.digest,
+                    tier: read.tier,
+                })
+            }
+        };
+        let chunks = ReadAhead::new(
+            plan,
+            self.reader.parallelism(),
+            self.read_ahead.clone(),
+            read_chunk,
+        )
+        .boxed();
         Ok(Transfer {
             manifest: self.describe(resolved),
             chunks,

@@ -373,3 +373,108 @@ async fn node_raises_its_open_file_limit_to_the_hard_limit() {
     assert_eq!(soft, hard, "{line}");
     assert_ne!(soft, "256", "{line}");
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// 200 clients open a `Fetch` of a disk-served model, each at another offset and on a
+/// connection of its own, and never read it. The node holds one chunk per stream (the
+/// one HTTP/2 is sending) and read-ahead within one budget: it grows by far less than
+/// 512 MiB, a normal prefetch alongside them completes, and closing the streams gives the
+/// memory back to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_that_never_read_hold_bounded_memory_and_others_go_on() {
+    const STREAMS: usize = 200;
+    const CHUNKS: usize = 80;
+    let origin = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let files: ModelFiles = vec![("weights.bin".into(), data(77, CHUNKS * 2 * MIB))];
+    let model = origin.path().join("big");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("weights.bin"), &files[0].1).unwrap();
+    let ready = cache.path().join("node.addr");
+    let node = Child(
+        Command::new(binary("cache-node"))
+            .args(["--listen", "127.0.0.1:0", "--memory-capacity", "64MiB"])
+            .args(["--disk-capacity", "512MiB", "--variant-capacity", "64MiB"])
+            .arg("--origin")
+            .arg(origin.path())
+            .arg("--cache-dir")
+            .arg(cache.path().join("node"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{}", ready_addr(&ready).await);
+    let pid = node.0.id();
+    let reference = modelcache_proto::Reference::parse("big").unwrap();
+    // Warm: every chunk on disk, most of them no longer in memory.
+    let warm = tempfile::tempdir().unwrap();
+    cache_agent::Agent::new(vec![url.clone()], warm.path())
+        .prefetch(&reference, &cache_agent::Progress::hidden())
+        .await
+        .unwrap();
+    let before = rss(pid);
+
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let mut client =
+            modelcache_proto::v1::model_cache_client::ModelCacheClient::connect(url.clone())
+                .await
+                .unwrap();
+        let stream = client
+            .fetch(modelcache_proto::v1::FetchRequest {
+                reference: "big".into(),
+                file: "weights.bin".into(),
+                offset: ((i * 7) % CHUNKS * 2 * MIB) as u64,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((client, stream));
+    }
+    // Let every stream read what it is going to read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stalled = rss(pid);
+
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = cache_agent::Agent::new(vec![url.clone()], dir.path())
+        .prefetch(&reference, &cache_agent::Progress::hidden())
+        .await
+        .expect("a prefetch beside 200 stalled streams completes");
+    assert_same_files(&fetched.path, &files);
+    let during = rss(pid).max(stalled);
+    drop(streams);
+    // The node gives freed memory back every few seconds in which streams ended.
+    let given_back = wait_for(Duration::from_secs(20), || {
+        rss(pid) < before + (before.min(during) / 2).max(64 << 20)
+    })
+    .await;
+    let after = rss(pid);
+    let mib = |b: u64| b >> 20;
+    eprintln!(
+        "node RSS: {} MiB warm, {} MiB with {STREAMS} stalled streams, {} MiB after they closed",
+        mib(before),
+        mib(during),
+        mib(after)
+    );
+    assert!(
+        during.saturating_sub(before) <= 512 << 20,
+        "{STREAMS} stalled streams grew the node from {} MiB to {} MiB",
+        mib(before),
+        mib(during)
+    );
+    assert!(
+        given_back,
+        "the node kept {} MiB after the streams closed",
+        mib(after)
+    );
+}

@@ -377,3 +377,51 @@ async fn sixty_four_cold_streams_read_each_chunk_once_and_persist_all() {
         );
     }
 }
+
+/// 10,000 streams of a memory-served model at once, 2,000 on each of five connections:
+/// beyond a connection's stream limit and the read-ahead budget they wait their turn, and
+/// every one of them completes with the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_streams_of_a_memory_served_model_all_complete() {
+    const STREAMS: usize = 10_000;
+    const CONNECTIONS: usize = 5;
+    let sandbox = Sandbox::start().await;
+    let files: ModelFiles = vec![("model.bin".into(), data(31, 48 * 1024))];
+    sandbox.seed("many", &files).await;
+    let node = sandbox.node().await;
+    node.prefetch_fresh("many").await;
+    let expected = blake3::hash(&files[0].1);
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(node.client().await);
+    }
+    let streams = (0..STREAMS).map(|i| {
+        let mut client = clients[i % CONNECTIONS].clone();
+        async move {
+            let mut stream = client
+                .fetch(modelcache_proto::v1::FetchRequest {
+                    reference: "many".into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut hasher = blake3::Hasher::new();
+            while let Some(message) = stream.message().await? {
+                if let Some(modelcache_proto::v1::fetch_response::Item::Chunk(c)) = message.item {
+                    hasher.update(&c.data);
+                }
+            }
+            Ok::<_, tonic::Status>(hasher.finalize())
+        }
+    });
+    let results = futures::future::join_all(streams).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {STREAMS} streams failed, e.g. {:?}",
+        failed.len(),
+        failed[0]
+    );
+    assert!(results.iter().all(|r| r.as_ref().ok() == Some(&expected)));
+    assert_eq!(node.stats().fetch_rpcs, STREAMS as u64 + 1);
+}
