@@ -17,7 +17,7 @@ pub mod verify;
 use std::path::PathBuf;
 
 use modelcache_proto::Reference;
-use modelcache_proto::v1::{self, ListRequest, ResolveRequest};
+use modelcache_proto::v1::{self, ListRequest};
 
 pub use error::{AgentError, Result};
 pub use layout::{Layout, LocalManifest, LocalModel};
@@ -201,17 +201,7 @@ impl Agent {
     /// The node's manifest of a model variant.
     pub async fn stat(&self, reference: &Reference) -> Result<v1::Manifest> {
         let mut client = self.client().await?;
-        client
-            .resolve(ResolveRequest {
-                reference: reference.to_string(),
-            })
-            .await?
-            .into_inner()
-            .manifest
-            .ok_or_else(|| AgentError::Protocol {
-                reference: reference.to_string(),
-                detail: "Resolve returned no manifest".into(),
-            })
+        node::resolve(&mut client, reference).await
     }
 
     /// What the cluster offers.

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use modelcache_proto::Reference;
+use modelcache_proto::parts::{Assembly, MANIFEST_PROTOCOL};
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
+use modelcache_proto::v1::{self, ResolveRequest};
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use tonic::transport::{Channel, Endpoint};
 
@@ -66,6 +69,65 @@ pub async fn connect_from(nodes: &[String], first: usize) -> Result<(NodeClient,
         addrs: nodes.join(", "),
         detail: failures.join("; "),
     })
+}
+
+/// The node's whole manifest of `reference`, asked for a part at a time when it comes in
+/// parts (a model of many files, or of very large ones).
+pub async fn resolve(client: &mut NodeClient, reference: &Reference) -> Result<v1::Manifest> {
+    let protocol = |detail: String| AgentError::Protocol {
+        reference: reference.to_string(),
+        detail,
+    };
+    let mut page_token = String::new();
+    let mut assembly: Option<Assembly> = None;
+    loop {
+        let response = client
+            .resolve(ResolveRequest {
+                reference: reference.to_string(),
+                page_token: std::mem::take(&mut page_token),
+                protocol: MANIFEST_PROTOCOL,
+            })
+            .await
+            .map_err(|s| older_node(s, reference))?
+            .into_inner();
+        let manifest = response
+            .manifest
+            .ok_or_else(|| protocol("Resolve returned no manifest".into()))?;
+        match assembly.as_mut() {
+            None => assembly = Some(Assembly::new(manifest).map_err(protocol)?),
+            Some(so_far) => so_far.add(manifest.files).map_err(protocol)?,
+        }
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        page_token = response.next_page_token;
+    }
+    let assembly = assembly.expect("at least one response");
+    if !assembly.is_complete() {
+        return Err(protocol(format!(
+            "the manifest announced {} files and its parts ended early",
+            assembly.file_count()
+        )));
+    }
+    Ok(assembly.into_manifest())
+}
+
+/// A message too large for the client: an older node that sends a large manifest whole.
+pub fn older_node(status: tonic::Status, reference: &Reference) -> AgentError {
+    if status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large")
+    {
+        return AgentError::FailedPrecondition {
+            message: format!(
+                "the node sent the manifest of {reference} as one message over the 4 MiB \
+                 limit ({}): it is a cache-node older than {}, which does not send large \
+                 manifests in parts (manifest protocol {MANIFEST_PROTOCOL}); upgrade the node",
+                status.message(),
+                env!("CARGO_PKG_VERSION"),
+            ),
+        };
+    }
+    status.into()
 }
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -5,6 +5,7 @@
 //!
 //! Other languages generate their own stubs from the same `.proto` file (see `docs/api.md`).
 
+pub mod parts;
 pub mod reference;
 
 pub use reference::{Reference, ReferenceError, check_file_path, check_file_paths};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
+use modelcache_proto::parts::{self, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
     self, FetchResponse, ListRequest, ListResponse, PrefetchRequest, PrefetchResponse,
@@ -79,10 +80,30 @@ impl ModelCache for NodeService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
-        let reference = parse(&request.get_ref().reference)?;
+        let request = request.into_inner();
+        let reference = parse(&request.reference)?;
         let resolved = self.registry.resolve(&reference).await?;
+        let rev = resolved.revision.clone();
+        let at = if request.page_token.is_empty() {
+            Cursor::default()
+        } else {
+            Cursor::parse(&request.page_token, &rev.id).ok_or_else(|| {
+                Status::aborted(format!(
+                    "{reference} is at revision {} now, not the one this page token belongs \
+                     to; resolve it again from the start",
+                    rev.id
+                ))
+            })?
+        };
+        let (files, next) = part(&rev, at);
+        if (at != Cursor::default() || next.is_some()) && request.protocol < MANIFEST_PROTOCOL {
+            return Err(too_old(&rev, request.protocol));
+        }
+        let mut manifest = manifest(self.registry.describe(resolved));
+        manifest.files = files;
         Ok(Response::new(ResolveResponse {
-            manifest: Some(manifest(self.registry.describe(resolved))),
+            manifest: Some(manifest),
+            next_page_token: next.map(|n| n.token(&rev.id)).unwrap_or_default(),
         }))
     }
 
@@ -93,6 +114,7 @@ impl ModelCache for NodeService {
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         let req = request.into_inner();
+        let protocol = req.protocol;
         let transfer = self
             .registry
             .open_fetch(FetchRequest {
@@ -102,11 +124,33 @@ impl ModelCache for NodeService {
                 offset: req.offset,
             })
             .await?;
+        let rev = transfer.manifest.resolved.revision.clone();
+        let (files, next) = part(&rev, Cursor::default());
+        if next.is_some() && protocol < MANIFEST_PROTOCOL {
+            return Err(too_old(&rev, protocol));
+        }
+        let mut first = manifest(transfer.manifest);
+        first.files = files;
         let first = FetchResponse {
-            item: Some(fetch_response::Item::Manifest(manifest(transfer.manifest))),
+            item: Some(fetch_response::Item::Manifest(first)),
         };
+        // The rest of the file list, a part at a time, then the chunks.
+        let parts = stream::unfold(next, move |at| {
+            let rev = rev.clone();
+            async move {
+                let (files, next) = part(&rev, at?);
+                let message = FetchResponse {
+                    item: Some(fetch_response::Item::ManifestPart(v1::ManifestPart {
+                        files,
+                    })),
+                };
+                Some((Ok(message), next))
+            }
+        });
         let chunks = transfer.chunks.map_ok(chunk).map_err(Status::from);
-        let body = stream::once(std::future::ready(Ok(first))).chain(chunks);
+        let body = stream::once(std::future::ready(Ok(first)))
+            .chain(parts)
+            .chain(chunks);
         Ok(Response::new(body.boxed()))
     }
 
@@ -158,6 +202,32 @@ fn chunk(chunk: Chunk) -> FetchResponse {
     }
 }
 
+/// The part of `rev`'s file list from `at` on that fits in one message, and where the next
+/// part starts.
+fn part(rev: &Revision, at: Cursor) -> (Vec<v1::FileEntry>, Option<Cursor>) {
+    parts::cut(
+        rev.files.len(),
+        |i| file_entry(&rev.files[i]),
+        at,
+        PART_BYTES,
+    )
+}
+
+/// A client that cannot read a manifest in parts, asking for one that needs them.
+fn too_old(rev: &Revision, protocol: u32) -> Status {
+    Status::failed_precondition(format!(
+        "the manifest of {} ({} files) does not fit in one message and comes in parts, which \
+         this client does not read (it speaks manifest protocol {protocol}; this node, \
+         cache-node {}, speaks {MANIFEST_PROTOCOL}); upgrade the client to cache-agent {} or \
+         later",
+        rev.name,
+        rev.files.len(),
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_VERSION"),
+    ))
+}
+
+/// The manifest's header, without files (`part` gives them a part at a time).
 fn manifest(view: ManifestView) -> v1::Manifest {
     let rev = &view.resolved.revision;
     let stale_reason = view.resolved.stale_reason;
@@ -166,7 +236,8 @@ fn manifest(view: ManifestView) -> v1::Manifest {
         variant: rev.variant.clone(),
         revision: rev.id.clone(),
         chunk_size: CHUNK_SIZE,
-        files: rev.files.iter().map(file_entry).collect(),
+        files: Vec::new(),
+        file_count: rev.files.len() as u32,
         total_size: rev.total_size,
         stale: stale_reason.is_some(),
         stale_reason: stale_reason.unwrap_or_default(),
@@ -186,6 +257,7 @@ fn file_entry(file: &FileRecord) -> v1::FileEntry {
             .unwrap_or_default(),
         sha256: file.sha256.get().cloned().unwrap_or_default(),
         provenance: file.provenance.clone().map(provenance),
+        first_chunk: 0,
     }
 }
 

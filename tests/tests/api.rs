@@ -113,7 +113,7 @@ async fn fetch_from_an_offset_and_pinned_revisions() {
             reference: "m".into(),
             file: "a.bin".into(),
             offset: CHUNK_SIZE + 5,
-            revision: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -414,4 +414,153 @@ async fn an_independent_grpc_client_fetches_byte_identical_and_gets_errors() {
     );
     assert_eq!(got["manifest"], serde_json::json!(["model.onnx"]), "{got}");
     assert_eq!(got["chunks"], 0, "{got}");
+}
+
+/// A model of 40,000 files: its manifest is over the 1 MiB a part holds, so `Resolve`
+/// pages it and `Fetch` sends it as a manifest and `ManifestPart`s. The agent reads it
+/// whole and downloads the model; a client that does not read parts (manifest protocol 0,
+/// as every client before it) is told so, with both sides' versions, while small models
+/// reach it exactly as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_too_large_for_one_message_comes_in_parts() {
+    use modelcache_proto::parts::MANIFEST_PROTOCOL;
+    use modelcache_proto::v1::ResolveRequest;
+    const FILES: usize = 40_000;
+    let sandbox = Sandbox::start().await;
+    let origin = sandbox.dir().join("origin");
+    let mut files: ModelFiles = (0..FILES)
+        .map(|i| {
+            (
+                format!("shard-{:03}/part-{i:05}.json", i / 1000),
+                format!("[{i}]").into_bytes(),
+            )
+        })
+        .collect();
+    // A model is a folder with files of its own (the rest may sit in subfolders).
+    files.push(("config.json".into(), b"{}".to_vec()));
+    files.sort();
+    for (path, bytes) in &files {
+        let path = origin.join("wide").join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    std::fs::create_dir_all(origin.join("small")).unwrap();
+    std::fs::write(origin.join("small/config.json"), b"{}").unwrap();
+    let node = TestNode::start(sandbox.local_config(&origin)).await;
+    let mut client = node.client().await;
+
+    // Older clients: refused for the large model, naming both versions ...
+    for status in [
+        client
+            .resolve(ResolveRequest {
+                reference: "wide".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        client
+            .fetch(FetchRequest {
+                reference: "wide".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        let message = status.message();
+        assert!(
+            message.contains("40001 files")
+                && message.contains("protocol 0")
+                && message.contains(&format!("cache-node {}", env!("CARGO_PKG_VERSION"))),
+            "{message}"
+        );
+    }
+    // ... and served as before for a model that fits one message.
+    let small = client
+        .resolve(ResolveRequest {
+            reference: "small".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(small.next_page_token.is_empty());
+    assert_eq!(small.manifest.unwrap().files.len(), 1);
+
+    // Resolve in pages, each under the 1 MiB a part holds.
+    let mut token = String::new();
+    let mut pages = 0;
+    let mut listed = Vec::new();
+    loop {
+        let page = client
+            .resolve(ResolveRequest {
+                reference: "wide".into(),
+                page_token: token,
+                protocol: MANIFEST_PROTOCOL,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let manifest = page.manifest.unwrap();
+        assert_eq!(manifest.file_count as usize, FILES + 1);
+        assert!(prost::Message::encoded_len(&manifest) < 2 << 20);
+        listed.extend(manifest.files.into_iter().map(|f| f.path));
+        pages += 1;
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert!(pages >= 2, "{pages} pages");
+    assert_eq!(
+        listed,
+        files.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>()
+    );
+
+    // The agent reads the manifest whole and downloads every file.
+    let (_dir, fetched) = node.prefetch_fresh("wide").await;
+    assert_same_files(&fetched.path, &files);
+    node.idle().await;
+    // Now every digest is known and the manifest is larger still: it comes back whole.
+    let agent = node.agent(sandbox.dir().as_path());
+    let manifest = agent.stat(&r("wide")).await.unwrap();
+    assert_eq!(manifest.files.len(), FILES + 1);
+    assert!(
+        manifest
+            .files
+            .iter()
+            .all(|f| f.chunk_blake3.len() == 1 && !f.sha256.is_empty())
+    );
+
+    // Fetch from the last file: the manifest, its parts, then that file's one chunk.
+    let (last, bytes) = files.last().unwrap();
+    let mut stream = client
+        .fetch(FetchRequest {
+            reference: "wide".into(),
+            file: last.clone(),
+            protocol: MANIFEST_PROTOCOL,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = 0;
+    let mut parts = 0;
+    let mut chunks = Vec::new();
+    while let Some(message) = stream.next().await {
+        match message.unwrap().item.unwrap() {
+            fetch_response::Item::Manifest(m) => entries += m.files.len(),
+            fetch_response::Item::ManifestPart(p) => {
+                assert!(chunks.is_empty(), "a manifest part after the chunks");
+                entries += p.files.len();
+                parts += 1;
+            }
+            fetch_response::Item::Chunk(c) => chunks.push(c),
+        }
+    }
+    assert_eq!(entries, FILES + 1);
+    assert!(parts >= 2, "{parts} parts");
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].file_index as usize, FILES);
+    assert_eq!(&chunks[0].data[..], &bytes[..]);
 }

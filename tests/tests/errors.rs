@@ -36,6 +36,7 @@ async fn unknown_model_and_folder_are_not_found_with_names() {
     let err = client
         .resolve(ResolveRequest {
             reference: "nosuchmodel".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -49,6 +50,7 @@ async fn unknown_model_and_folder_are_not_found_with_names() {
     let err = client
         .resolve(ResolveRequest {
             reference: "org".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -76,6 +78,7 @@ async fn unknown_model_and_folder_are_not_found_with_names() {
     let err = client
         .resolve(ResolveRequest {
             reference: "org/minilm:int8".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -105,6 +108,7 @@ async fn malformed_references_are_invalid_argument_before_any_io() {
         let err = client
             .resolve(ResolveRequest {
                 reference: bad.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -156,6 +160,7 @@ async fn origin_down_with_nothing_cached_is_unavailable() {
     let err = client
         .resolve(ResolveRequest {
             reference: "resnet50".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -176,6 +181,7 @@ async fn origin_refusing_credentials_is_failed_precondition_naming_origin() {
     let err = client
         .resolve(ResolveRequest {
             reference: "resnet50".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -459,6 +465,7 @@ async fn silent_connections_are_closed_and_the_connection_cap_makes_others_wait(
             .await
             .resolve(ResolveRequest {
                 reference: "m".into(),
+                ..Default::default()
             })
             .await
     })

@@ -54,6 +54,7 @@ impl ModelCache for HostileNode {
     ) -> Result<Response<ResolveResponse>, Status> {
         Ok(Response::new(ResolveResponse {
             manifest: Some(self.manifest(&request.get_ref().reference)),
+            next_page_token: String::new(),
         }))
     }
 
@@ -199,4 +200,45 @@ async fn chunks_failing_their_digest_are_never_published() {
     assert!(matches!(err, AgentError::Integrity { .. }), "{err:?}");
     assert!(!dir.path().join("victim/@original").exists());
     task.abort();
+}
+
+/// A node from before manifests came in parts sends a large manifest whole; the agent's
+/// 4 MiB limit trips, and it says the node is older and needs an upgrade (instead of a
+/// bare "message length too large").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_node_sending_a_manifest_over_4_mib_is_named_as_older() {
+    let files = (0..60_000)
+        .map(|i| {
+            (
+                format!("layers/{i:05}/{}.bin", "w".repeat(60)),
+                Bytes::new(),
+            )
+        })
+        .collect();
+    let (addr, _task) = serve(HostileNode {
+        files,
+        wrong_digest: false,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
+    let reference = Reference::parse("org/wide").unwrap();
+    for err in [
+        agent.stat(&reference).await.unwrap_err(),
+        agent
+            .prefetch(&reference, &Progress::hidden())
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, AgentError::FailedPrecondition { .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("cache-node older than") && message.contains("upgrade the node"),
+            "{message}"
+        );
+    }
+    assert!(tree(dir.path()).iter().all(|p| !p.contains("@original")));
 }

@@ -75,6 +75,7 @@ async fn a_local_origin_never_serves_what_its_symlinks_point_to_outside_it() {
     let manifest = client
         .resolve(ResolveRequest {
             reference: "m".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -94,6 +95,7 @@ async fn a_local_origin_never_serves_what_its_symlinks_point_to_outside_it() {
     let status = client
         .resolve(ResolveRequest {
             reference: "linked/etc".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -335,6 +337,7 @@ async fn a_record_the_origin_contradicts_is_discarded_and_the_retry_gets_the_ori
         client
             .resolve(ResolveRequest {
                 reference: "m".into(),
+                ..Default::default()
             })
             .await
             .unwrap(),
@@ -377,6 +380,7 @@ async fn a_hung_origin_does_not_hold_up_a_cached_model() {
         client
             .resolve(ResolveRequest {
                 reference: "resnet50".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -439,6 +443,7 @@ async fn one_unusable_name_leaves_out_its_model_and_lists_the_rest() {
         .await
         .resolve(ResolveRequest {
             reference: "bad".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

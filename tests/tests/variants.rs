@@ -56,6 +56,7 @@ async fn resolve(node: &TestNode, reference: &str) -> Result<v1::Manifest, tonic
         .await
         .resolve(v1::ResolveRequest {
             reference: reference.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().manifest.unwrap())

@@ -12,7 +12,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use modelcache_proto::v1::{self, ResolveRequest};
+use modelcache_proto::v1;
 use modelcache_proto::{Reference, check_file_paths};
 use tokio::sync::mpsc;
 
@@ -145,17 +145,10 @@ async fn resolve(
     progress: &Progress,
 ) -> Result<v1::Manifest> {
     progress.waiting(reference);
-    let resolved = client
-        .resolve(ResolveRequest {
-            reference: reference.to_string(),
-        })
-        .await;
+    let resolved = crate::node::resolve(client, reference).await;
     // The bars take over from the spinner; clear it whatever comes next.
     progress.finish();
-    let manifest = resolved?
-        .into_inner()
-        .manifest
-        .ok_or_else(|| protocol(reference, "Resolve returned no manifest"))?;
+    let manifest = resolved?;
     check_manifest(reference, &manifest)?;
     tracing::info!(
         %reference, revision = %manifest.revision, bytes = manifest.total_size,

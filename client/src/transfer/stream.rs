@@ -14,7 +14,8 @@ use super::protocol;
 use super::resume::normalize;
 use super::writer::Verified;
 use crate::error::{AgentError, Result};
-use crate::node::NodeClient;
+use crate::node::{NodeClient, older_node};
+use modelcache_proto::parts::MANIFEST_PROTOCOL;
 
 /// Chunks being hashed at once; a little more than the cores so none waits for bytes.
 fn hash_pipeline_depth() -> usize {
@@ -40,14 +41,30 @@ pub(super) async fn open(
         file: m.files[at.file].path.clone(),
         offset: at.offset,
         revision: m.revision.clone(),
+        protocol: MANIFEST_PROTOCOL,
     };
-    let mut stream = client.fetch(request).await?.into_inner();
+    let older = |s| older_node(s, reference);
+    let mut stream = client.fetch(request).await.map_err(older)?.into_inner();
     let first = stream
         .message()
-        .await?
+        .await
+        .map_err(older)?
         .ok_or_else(|| protocol(reference, "stream ended before the manifest"))?;
     match first.item {
-        Some(fetch_response::Item::Manifest(fm)) if fm.revision == m.revision => Ok(stream),
+        Some(fetch_response::Item::Manifest(fm)) if fm.revision == m.revision => {
+            // The manifest is known from Resolve: pass over the rest of its parts.
+            let mut files = fm.files.len();
+            while files < fm.file_count as usize {
+                let next = stream.message().await?;
+                match next.and_then(|n| n.item) {
+                    Some(fetch_response::Item::ManifestPart(part)) => {
+                        files += part.files.iter().filter(|f| f.first_chunk == 0).count();
+                    }
+                    _ => return Err(protocol(reference, "the manifest's parts ended early")),
+                }
+            }
+            Ok(stream)
+        }
         Some(fetch_response::Item::Manifest(fm)) => Err(AgentError::Aborted {
             message: format!(
                 "{reference} changed to revision {} during the fetch; run again",
