@@ -156,6 +156,16 @@ pub enum Error {
         detail: String,
     },
 
+    #[error(
+        "model {name:?} in origin {origin} contains a symlink loop ({detail}); remove or fix \
+         the link in the origin"
+    )]
+    OriginSymlinkLoop {
+        origin: String,
+        name: String,
+        detail: String,
+    },
+
     #[error("the node is shutting down; retry on another node or once it is back")]
     ShuttingDown,
 

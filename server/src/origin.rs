@@ -451,6 +451,21 @@ impl Origin {
             },
             object_store::Error::Generic { source, .. } => {
                 let detail = error_chain(source.as_ref());
+                let os_error = io_error_code(source.as_ref());
+                if os_error == Some(libc::ENAMETOOLONG) {
+                    return Error::ModelNotFound {
+                        name: name.to_owned(),
+                        origin,
+                        hint: "; a local origin cannot hold a name longer than 255 bytes".into(),
+                    };
+                }
+                if os_error == Some(libc::ELOOP) || detail.contains("File system loop found") {
+                    return Error::OriginSymlinkLoop {
+                        origin,
+                        name: name.to_owned(),
+                        detail,
+                    };
+                }
                 // List requests report a refused signature as a generic failure with the
                 // status in the text; S3 answers 403 (or 401) for bad credentials.
                 if detail.contains("403 Forbidden") || detail.contains("401 Unauthorized") {
@@ -486,6 +501,21 @@ fn version_tag(etag: Option<&str>, modified: chrono::DateTime<chrono::Utc>) -> S
         Some(e) if !e.is_empty() => e.to_owned(),
         _ => format!("{MODIFIED_TAG}{}", modified.timestamp()),
     }
+}
+
+/// The OS error code of the first I/O error in `err`'s chain, if any.
+fn io_error_code(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(code) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// An error and its sources on one line.

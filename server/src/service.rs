@@ -41,6 +41,7 @@ pub fn code(error: &Error) -> Code {
         Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         Error::UnsafeModelPath { .. }
         | Error::OriginUnusableKey { .. }
+        | Error::OriginSymlinkLoop { .. }
         | Error::OriginDenied { .. }
         | Error::VariantFailed { .. } => Code::FailedPrecondition,
         Error::OriginUnavailable { .. }

@@ -451,3 +451,48 @@ async fn one_unusable_name_leaves_out_its_model_and_lists_the_rest() {
     assert!(status.message().contains("\"bad\""), "{status:?}");
     node.prefetch_fresh("good").await;
 }
+
+/// A local origin tells a name too long for its filesystem, and a symlink loop, for what
+/// they are: not "origin unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_name_too_long_or_a_symlink_loop_is_named_for_what_it_is() {
+    let sandbox = Sandbox::start().await;
+    let origin = sandbox.dir();
+    std::fs::create_dir_all(origin.join("ok")).unwrap();
+    std::fs::write(origin.join("ok/config.json"), b"{}").unwrap();
+    std::os::unix::fs::symlink(origin.join("looped"), origin.join("looped")).unwrap();
+    std::fs::create_dir_all(origin.join("walks/sub")).unwrap();
+    std::fs::write(origin.join("walks/config.json"), b"{}").unwrap();
+    std::os::unix::fs::symlink(origin.join("walks"), origin.join("walks/sub/again")).unwrap();
+    let node = TestNode::start(sandbox.local_config(&origin)).await;
+    let mut client = node.client().await;
+    let mut resolve = async |reference: String| {
+        client
+            .resolve(ResolveRequest {
+                reference,
+                ..Default::default()
+            })
+            .await
+    };
+
+    let status = resolve("n".repeat(256)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains("longer than 255 bytes"),
+        "{status:?}"
+    );
+    for name in ["looped", "walks"] {
+        let status = resolve(name.into()).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{name}: {status:?}"
+        );
+        assert!(
+            status.message().contains("symlink loop") && !status.message().contains("unreachable"),
+            "{name}: {status:?}"
+        );
+    }
+    // The origin itself is fine.
+    assert!(resolve("ok".into()).await.is_ok());
+}
