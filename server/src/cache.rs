@@ -47,6 +47,10 @@ const FLUSHERS: usize = 4;
 const MIN_DISK_BLOCKS: u64 = 15;
 /// Blocks a tier should have when it is large enough.
 const TARGET_DISK_BLOCKS: u64 = 64;
+/// Blocks a tier has at most: foyer keeps one open file per block, and a node must run
+/// under the usual limit of 1,024 open files with both tiers and its connections. A larger
+/// tier gets larger blocks (a 20 GiB tier: 128 blocks of 80 chunks) instead of more.
+const MAX_DISK_BLOCKS: u64 = 128;
 /// Chunks each shard of the memory tier should hold at least: foyer splits the memory tier
 /// into shards by key hash and evicts within a shard, so a shard of a few chunks would
 /// evict while the tier as a whole still has room.
@@ -59,7 +63,8 @@ const PERSIST_STALLED_ROUNDS: u32 = 3;
 /// The block size for a disk tier of `capacity` bytes, or `None` if the tier is too small.
 fn block_size(capacity: u64) -> Option<usize> {
     let chunks = (capacity / TARGET_DISK_BLOCKS / CHUNK_ROOM as u64)
-        .clamp(MIN_BLOCK_CHUNKS, BLOCK_CHUNKS) as usize;
+        .clamp(MIN_BLOCK_CHUNKS, BLOCK_CHUNKS)
+        .max(capacity.div_ceil(MAX_DISK_BLOCKS * CHUNK_ROOM as u64)) as usize;
     let size = chunks * CHUNK_ROOM;
     (capacity >= MIN_DISK_BLOCKS * size as u64).then_some(size)
 }
@@ -193,12 +198,27 @@ impl ChunkCache {
                 min.div_ceil(1 << 20)
             )));
         };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating cache dir {}", dir.display()), e))?;
+        // Before foyer creates its files: a tier the filesystem cannot hold is refused
+        // with the free space, not with whatever creating thousands of files runs into.
+        let existing = tier_files(dir)?;
+        check_room(dir, disk_capacity, &existing)?;
+        Self::build(dir, memory_capacity, disk_capacity, block_size)
+            .await
+            .inspect_err(|_| remove_new_files(dir, &existing))
+    }
+
+    async fn build(
+        dir: &Path,
+        memory_capacity: u64,
+        disk_capacity: u64,
+        block_size: usize,
+    ) -> Result<Self> {
         // A small tier gets a flush buffer in proportion: each flusher's share is one block
         // at most, since a buffer larger than a block stalls foyer's flushers.
         let buffer = FLUSH_BUFFER_SIZE.min(FLUSHERS * block_size);
         let shards = (memory_capacity / (SHARD_CHUNKS * CHUNK_SIZE)).clamp(1, MAX_SHARDS);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating cache dir {}", dir.display()), e))?;
         let device = FsDeviceBuilder::new(dir)
             .with_capacity(disk_capacity as usize)
             .build()
@@ -391,6 +411,60 @@ impl ChunkCache {
     }
 }
 
+/// The disk tier's files in `dir` (foyer's file device names them `foyer-storage-…`).
+fn tier_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let io = |e| Error::io(format!("reading {}", dir.display()), e);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("foyer-storage-")
+        {
+            files.push(entry.path());
+        }
+    }
+    Ok(files)
+}
+
+/// Refuses a tier of `capacity` bytes that the filesystem cannot hold beside what the
+/// tier's `existing` files already take.
+fn check_room(dir: &Path, capacity: u64, existing: &[std::path::PathBuf]) -> Result<()> {
+    use fs4::fs_std::FileExt;
+    let io = |what: &Path, e| Error::io(format!("reserving {}", what.display()), e);
+    let mut allocated = 0;
+    for path in existing {
+        let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
+        allocated += file.allocated_size().map_err(|e| io(path, e))?;
+    }
+    let free = fs4::available_space(dir).map_err(|e| io(dir, e))?;
+    let missing = capacity.saturating_sub(allocated);
+    if missing > free {
+        return Err(no_room(dir, missing, free));
+    }
+    Ok(())
+}
+
+fn no_room(dir: &Path, missing: u64, free: u64) -> Error {
+    Error::Config(format!(
+        "disk tier at {} needs {} MiB more and the filesystem has {} MiB free; lower \
+         --disk-capacity or --variant-capacity, or free some space",
+        dir.display(),
+        missing.div_ceil(1 << 20),
+        free >> 20
+    ))
+}
+
+/// After a failed start: removes the tier files that were not there before it.
+fn remove_new_files(dir: &Path, existing: &[std::path::PathBuf]) {
+    for path in tier_files(dir).unwrap_or_default() {
+        if !existing.contains(&path) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Allocates every file of the disk tier in full. foyer creates them sparse, so a filesystem
 /// that fills up later (the agent's downloads, other programs) would fail the tier's writes
 /// mid-flight, and foyer panics on such failures; with the blocks reserved here, a node whose
@@ -422,13 +496,7 @@ fn reserve(dir: &Path) -> Result<()> {
     }
     let free = fs4::available_space(dir).map_err(|e| io(dir, e))?;
     if missing > free {
-        return Err(Error::Config(format!(
-            "disk tier at {} needs {} MiB more and the filesystem has {} MiB free; lower \
-             --disk-capacity or --variant-capacity, or free some space",
-            dir.display(),
-            missing.div_ceil(1 << 20),
-            free >> 20
-        )));
+        return Err(no_room(dir, missing, free));
     }
     for (path, file, len) in files {
         match file.allocate(len) {
@@ -607,9 +675,15 @@ mod tests {
             !dir.path().join("tiers").exists(),
             "created before refusing"
         );
-        // Blocks hold whole chunks: 2 in a small tier, 8 in a large one.
+        // Blocks hold whole chunks: 2 in a small tier, 8 in a large one, and more in a
+        // tier so large that 8-chunk blocks would make more than 128 files.
         assert_eq!(block_size(64 << 20), Some(2 * CHUNK_ROOM));
-        assert_eq!(block_size(20 << 30), Some(8 * CHUNK_ROOM));
+        assert_eq!(block_size(2 << 30), Some(8 * CHUNK_ROOM));
+        assert_eq!(block_size(20 << 30), Some(80 * CHUNK_ROOM));
+        for capacity in [1u64 << 30, 20 << 30, 1 << 40] {
+            let blocks = capacity / block_size(capacity).unwrap() as u64;
+            assert!(blocks <= MAX_DISK_BLOCKS, "{capacity}: {blocks} blocks");
+        }
     }
 
     /// A burst of chunks far larger than the flush buffers: foyer drops most of them, and

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_args(std::env::args_os()) {
+    let mut config = match Config::from_args(std::env::args_os()) {
         Ok(config) => config,
         // Help and version on stdout with status 0, usage errors on stderr with status 2.
         Err(cache_node::Error::Cli(e)) => e.exit(),
@@ -21,7 +21,8 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    raise_open_file_limit();
+    let limit = raise_open_file_limit();
+    fit_connections_to(limit, &mut config);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -41,10 +42,36 @@ async fn main() -> ExitCode {
 /// Raises the soft limit on open files to the hard limit: foyer keeps one file per disk
 /// block (a 20 GiB tier has over a thousand) and every connection takes one, so the usual
 /// soft limit of 1,024 is too low for the defaults.
-fn raise_open_file_limit() {
+fn raise_open_file_limit() -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
-        Err(e) => tracing::warn!("could not raise the open file limit: {e}"),
+        Ok(limit) => {
+            tracing::debug!(limit, "open file limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!("could not raise the open file limit: {e}");
+            None
+        }
+    }
+}
+
+/// Files the node keeps open besides its connections: the two tiers' blocks (128 each at
+/// most) and a margin for manifests, the origin and the runtime.
+const FILES_BESIDE_CONNECTIONS: u64 = 2 * 128 + 128;
+
+/// Lowers `--max-connections` to what the open-file limit leaves room for, so that the
+/// node never runs out of descriptors under load (it would fail accepts, then reads).
+fn fit_connections_to(limit: Option<u64>, config: &mut cache_node::Config) {
+    let Some(limit) = limit else { return };
+    let room = limit.saturating_sub(FILES_BESIDE_CONNECTIONS).max(16) as usize;
+    if config.max_connections > room {
+        tracing::warn!(
+            open_file_limit = limit,
+            "--max-connections {} does not fit the open-file limit; serving {room} \
+             connections at once (raise the limit with `ulimit -n` to serve more)",
+            config.max_connections
+        );
+        config.max_connections = room;
     }
 }
 

@@ -478,3 +478,81 @@ async fn streams_that_never_read_hold_bounded_memory_and_others_go_on() {
         mib(after)
     );
 }
+
+/// A node limited to 384 open files (soft and hard, so it cannot raise them): a 6 GiB tier
+/// (384 files of 8-chunk blocks before) starts with few files and serves; a tier larger
+/// than the filesystem is refused with the free space, and leaves no tier file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_under_a_low_open_file_limit_starts_and_refuses_oversized_tiers_cleanly() {
+    let origin = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(origin.path().join("m")).unwrap();
+    std::fs::write(origin.path().join("m/config.json"), b"{\"a\": 1}").unwrap();
+    let limited = |cache: &Path, disk: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("ulimit -n 384 && exec \"$0\" \"$@\"")
+            .arg(binary("cache-node"))
+            .args(["--listen", "127.0.0.1:0", "--memory-capacity", "64MiB"])
+            .args(["--disk-capacity", disk, "--variant-capacity", "512MiB"])
+            .arg("--origin")
+            .arg(origin.path())
+            .arg("--cache-dir")
+            .arg(cache);
+        cmd
+    };
+    let count_tier_files = |dir: &Path| {
+        ["tiers", "variants"]
+            .iter()
+            .flat_map(|t| {
+                std::fs::read_dir(dir.join(t))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("foyer-storage-")
+            })
+            .count()
+    };
+
+    let cache = tempfile::tempdir().unwrap();
+    let ready = cache.path().join("node.addr");
+    let node = Child(
+        limited(&cache.path().join("node"), "6GiB")
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{}", ready_addr(&ready).await);
+    let dir = tempfile::tempdir().unwrap();
+    let fetched = cache_agent::Agent::new(vec![url], dir.path())
+        .prefetch(
+            &modelcache_proto::Reference::parse("m").unwrap(),
+            &cache_agent::Progress::hidden(),
+        )
+        .await
+        .unwrap();
+    assert_same_files(
+        &fetched.path,
+        &vec![("config.json".into(), b"{\"a\": 1}".to_vec())],
+    );
+    let files = count_tier_files(&cache.path().join("node"));
+    assert!(files <= 256, "{files} tier files");
+    drop(node);
+
+    let cache = tempfile::tempdir().unwrap();
+    let out = limited(&cache.path().join("node"), "100TiB")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("MiB free") && !stderr.contains("Too many open files"),
+        "{stderr}"
+    );
+    assert_eq!(count_tier_files(&cache.path().join("node")), 0);
+}
