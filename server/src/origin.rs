@@ -182,10 +182,14 @@ impl Origin {
             if path.is_empty() || !self.inside_root(&meta.location) {
                 continue;
             }
+            let etag = self.local_version(
+                &meta.location,
+                version_tag(meta.e_tag.as_deref(), meta.last_modified),
+            );
             files.push(OriginFile {
                 path,
                 size: meta.size,
-                etag: version_tag(meta.e_tag.as_deref(), meta.last_modified),
+                etag,
             });
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -338,16 +342,24 @@ impl Origin {
         } else {
             version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified)
         };
+        let changed = |found: String| Error::OriginChanged {
+            origin: self.display.clone(),
+            name: name.to_owned(),
+            path: file.path.clone(),
+            expected: file.etag.clone(),
+            found,
+        };
+        let base = found;
+        let found = self.local_version(&location, base.clone());
         if found != file.etag {
-            return Err(Error::OriginChanged {
-                origin: self.display.clone(),
-                name: name.to_owned(),
-                path: file.path.clone(),
-                expected: file.etag.clone(),
-                found,
-            });
+            return Err(changed(found));
         }
         let bytes = result.bytes().await.map_err(read_error)?;
+        // A local file rewritten while it was read: its change time moved on.
+        let after = self.local_version(&location, base);
+        if after != file.etag {
+            return Err(changed(after));
+        }
         self.counters
             .bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -402,6 +414,25 @@ impl Origin {
                 ),
             }),
             _ => Ok(()),
+        }
+    }
+
+    /// The version of an object: `tag` from the store, and for a local origin also the
+    /// file's change time. object_store versions a local file by inode, modification time
+    /// and size, all of which a rewrite in place can keep (the modification time can be set
+    /// back); the change time moves on with every write and cannot be set.
+    fn local_version(&self, location: &Path, tag: String) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let Some(root) = &self.local_root else {
+            return tag;
+        };
+        let path = self
+            .names(location.parts())
+            .iter()
+            .fold(root.clone(), |p, s| p.join(s));
+        match std::fs::metadata(&path) {
+            Ok(meta) => format!("{tag}-c{:x}.{:x}", meta.ctime(), meta.ctime_nsec()),
+            Err(_) => tag,
         }
     }
 

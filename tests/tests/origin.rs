@@ -496,3 +496,47 @@ async fn a_local_name_too_long_or_a_symlink_loop_is_named_for_what_it_is() {
     // The origin itself is fine.
     assert!(resolve("ok".into()).await.is_ok());
 }
+
+/// A local file rewritten in place, keeping its inode, its size and (set back) its
+/// modification time, is still seen as changed: the local version includes the change
+/// time, which no rewrite can keep. The next fetch gets the new bytes, never the old ones
+/// or a mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_file_rewritten_in_place_with_its_old_mtime_is_a_new_revision() {
+    let sandbox = Sandbox::start().await;
+    let origin = sandbox.dir();
+    let model = origin.join("m");
+    std::fs::create_dir_all(&model).unwrap();
+    let weights = model.join("weights.bin");
+    std::fs::write(&weights, data(1, 3 * 1024 * 1024)).unwrap();
+    std::fs::write(model.join("config.json"), b"{}").unwrap();
+    let mut config = sandbox.local_config(&origin);
+    config.revalidate_after = Duration::ZERO;
+    let node = TestNode::start(config).await;
+    let (_dir, first) = node.prefetch_fresh("m").await;
+    assert_eq!(
+        sha256_file(&first.path.join("weights.bin")),
+        sha256(&data(1, 3 * 1024 * 1024))
+    );
+
+    let modified = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&weights)
+            .unwrap();
+        file.write_all(&data(2, 3 * 1024 * 1024)).unwrap();
+        file.set_modified(modified).unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&weights).unwrap().modified().unwrap(),
+        modified
+    );
+    let (_dir, second) = node.prefetch_fresh("m").await;
+    assert_ne!(second.revision, first.revision);
+    assert_eq!(
+        sha256_file(&second.path.join("weights.bin")),
+        sha256(&data(2, 3 * 1024 * 1024))
+    );
+}
