@@ -99,14 +99,10 @@ pub struct Assembly {
 
 impl Assembly {
     /// Starts from the first message: the manifest with the first part of its files.
-    pub fn new(first: Manifest) -> Result<Self, String> {
-        let mut files = first.files.clone();
-        let manifest = Manifest {
-            files: Vec::new(),
-            ..first
-        };
-        let mut this = Self { manifest };
-        this.add(std::mem::take(&mut files))?;
+    pub fn new(mut first: Manifest) -> Result<Self, String> {
+        let files = std::mem::take(&mut first.files);
+        let mut this = Self { manifest: first };
+        this.add(files)?;
         Ok(this)
     }
 

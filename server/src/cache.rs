@@ -246,7 +246,7 @@ impl ChunkCache {
             .await
             .map_err(|e| tier_error(dir, e))?;
         reserve(dir)?;
-        let landing = Arc::new(Landing::new());
+        let landing = Arc::new(Landing::new(dir.display().to_string()));
         let stop = CancellationToken::new();
         let lander = tokio::spawn(landing.clone().run(hybrid.clone(), stop.clone()));
         Ok(Self {
@@ -474,17 +474,7 @@ fn reserve(dir: &Path) -> Result<()> {
     let io = |what: &Path, e| Error::io(format!("reserving {}", what.display()), e);
     let mut files = Vec::new();
     let mut missing = 0;
-    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-        let entry = entry.map_err(|e| io(dir, e))?;
-        let path = entry.path();
-        // foyer's file device names its partition files `foyer-storage-…` in this dir.
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("foyer-storage-")
-        {
-            continue;
-        }
+    for path in tier_files(dir)? {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)

@@ -28,6 +28,8 @@ const MAX_ATTEMPTS: u32 = 8;
 
 /// Generic over the tier's key and value, which `cache.rs` defines.
 pub struct Landing<K, V> {
+    /// The disk tier's directory, for messages.
+    dir: String,
     entries: Mutex<HashMap<K, Entry<V>>>,
     /// Bumped at the start of each round; an entry is checked only by a round that began
     /// after it arrived, so the disk write its arrival queued has been waited for.
@@ -43,15 +45,10 @@ struct Entry<V> {
     _room: OwnedSemaphorePermit,
 }
 
-impl<K: StorageKey + Clone, V: StorageValue + Clone> Default for Landing<K, V> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
-    pub fn new() -> Self {
+    pub fn new(dir: String) -> Self {
         Self {
+            dir,
             entries: Mutex::new(HashMap::new()),
             round: AtomicU64::new(0),
             room: Arc::new(Semaphore::new((LANDING_BUDGET / UNIT) as usize)),
@@ -144,8 +141,11 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
                 entry.attempts += 1;
                 if entry.attempts > MAX_ATTEMPTS {
                     tracing::warn!(
+                        dir = %self.dir,
                         "a chunk read from the origin could not be written to the disk tier \
-                         after {MAX_ATTEMPTS} attempts; it will be read from the origin again"
+                         at {} after {MAX_ATTEMPTS} attempts (it will be read from the origin \
+                         again when asked for); check that filesystem for errors",
+                        self.dir
                     );
                     return false;
                 }

@@ -417,19 +417,25 @@ impl Origin {
         }
     }
 
+    /// Where an object of a local origin is on disk (`None` for other origins).
+    fn local_path(&self, location: &Path) -> Option<std::path::PathBuf> {
+        let root = self.local_root.as_ref()?;
+        Some(
+            self.names(location.parts())
+                .iter()
+                .fold(root.clone(), |p, s| p.join(s)),
+        )
+    }
+
     /// The version of an object: `tag` from the store, and for a local origin also the
     /// file's change time. object_store versions a local file by inode, modification time
     /// and size, all of which a rewrite in place can keep (the modification time can be set
     /// back); the change time moves on with every write and cannot be set.
     fn local_version(&self, location: &Path, tag: String) -> String {
         use std::os::unix::fs::MetadataExt;
-        let Some(root) = &self.local_root else {
+        let Some(path) = self.local_path(location) else {
             return tag;
         };
-        let path = self
-            .names(location.parts())
-            .iter()
-            .fold(root.clone(), |p, s| p.join(s));
         match std::fs::metadata(&path) {
             Ok(meta) => format!("{tag}-c{:x}.{:x}", meta.ctime(), meta.ctime_nsec()),
             Err(_) => tag,
@@ -440,13 +446,9 @@ impl Origin {
     /// resolved. A link that leaves the root (or leads nowhere) is skipped with a warning
     /// naming it: a local origin never serves a file outside its directory.
     fn inside_root(&self, location: &Path) -> bool {
-        let Some(root) = &self.local_root else {
+        let (Some(root), Some(path)) = (&self.local_root, self.local_path(location)) else {
             return true;
         };
-        let path = self
-            .names(location.parts())
-            .iter()
-            .fold(root.clone(), |p, s| p.join(s));
         match std::fs::canonicalize(&path) {
             Ok(real) if real.starts_with(root) => true,
             Ok(real) => {

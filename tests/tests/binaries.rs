@@ -374,6 +374,20 @@ async fn node_raises_its_open_file_limit_to_the_hard_limit() {
     assert_ne!(soft, "256", "{line}");
 }
 
+/// Starts a node command with `--ready-file` in `dir`; the child and its URL once it serves.
+async fn start_ready(cmd: &mut Command, dir: &Path) -> (Child, String) {
+    let ready = dir.join("node.addr");
+    let node = Child(
+        cmd.arg("--ready-file")
+            .arg(&ready)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{}", ready_addr(&ready).await);
+    (node, url)
+}
+
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -397,22 +411,17 @@ async fn streams_that_never_read_hold_bounded_memory_and_others_go_on() {
     let model = origin.path().join("big");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(model.join("weights.bin"), &files[0].1).unwrap();
-    let ready = cache.path().join("node.addr");
-    let node = Child(
+    let (node, url) = start_ready(
         Command::new(binary("cache-node"))
             .args(["--listen", "127.0.0.1:0", "--memory-capacity", "64MiB"])
             .args(["--disk-capacity", "512MiB", "--variant-capacity", "64MiB"])
             .arg("--origin")
             .arg(origin.path())
             .arg("--cache-dir")
-            .arg(cache.path().join("node"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://{}", ready_addr(&ready).await);
+            .arg(cache.path().join("node")),
+        cache.path(),
+    )
+    .await;
     let pid = node.0.id();
     let reference = modelcache_proto::Reference::parse("big").unwrap();
     // Warm: every chunk on disk, most of them no longer in memory.
@@ -518,16 +527,11 @@ async fn a_node_under_a_low_open_file_limit_starts_and_refuses_oversized_tiers_c
     };
 
     let cache = tempfile::tempdir().unwrap();
-    let ready = cache.path().join("node.addr");
-    let node = Child(
-        limited(&cache.path().join("node"), "6GiB")
-            .arg("--ready-file")
-            .arg(&ready)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://{}", ready_addr(&ready).await);
+    let (node, url) = start_ready(
+        &mut limited(&cache.path().join("node"), "6GiB"),
+        cache.path(),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let fetched = cache_agent::Agent::new(vec![url], dir.path())
         .prefetch(
