@@ -16,7 +16,7 @@ use modelcache_proto::{CHUNK_SIZE, Reference};
 use modelcache_quant::Variant;
 use tonic::{Code, Request, Response, Status};
 
-use crate::error::Error;
+use crate::error::{Error, quote};
 use crate::manifest::{FileRecord, Provenance, Revision};
 use crate::registry::{Chunk, FetchRequest, ManifestView, ModelListing, Registry, TierCounts};
 use crate::variants::BuildState;
@@ -89,11 +89,19 @@ impl ModelCache for NodeService {
             Cursor::default()
         } else {
             Cursor::parse(&request.page_token, &rev.id).ok_or_else(|| {
-                Status::aborted(format!(
-                    "{reference} is at revision {} now, not the one this page token belongs \
-                     to; resolve it again from the start",
-                    rev.id
-                ))
+                if request.page_token.starts_with(&format!("{}:", rev.id)) {
+                    Status::invalid_argument(format!(
+                        "page_token {} is not one this node sent for {reference}; pass \
+                         next_page_token back unchanged",
+                        quote(&request.page_token)
+                    ))
+                } else {
+                    Status::aborted(format!(
+                        "{reference} is at revision {} now, not the one this page token \
+                         belongs to; resolve it again from the start",
+                        rev.id
+                    ))
+                }
             })?
         };
         let (files, next) = part(&rev, at);

@@ -416,6 +416,16 @@ async fn an_independent_grpc_client_fetches_byte_identical_and_gets_errors() {
     assert_eq!(got["chunks"], 0, "{got}");
 }
 
+/// The revision the node serves of `wide`, through the agent.
+async fn agent_revision(node: &TestNode) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    node.agent(dir.path())
+        .stat(&r("wide"))
+        .await
+        .unwrap()
+        .revision
+}
+
 /// A model of 40,000 files: its manifest is over the 1 MiB a part holds, so `Resolve`
 /// pages it and `Fetch` sends it as a manifest and `ManifestPart`s. The agent reads it
 /// whole and downloads the model; a client that does not read parts (manifest protocol 0,
@@ -512,6 +522,23 @@ async fn a_manifest_too_large_for_one_message_comes_in_parts() {
         }
     }
     assert!(pages >= 2, "{pages} pages");
+    // A token of another revision means the model changed: start over; a mangled one is
+    // the client's mistake.
+    let revision = agent_revision(&node).await;
+    for (token, code) in [
+        ("0123:1:0".to_string(), Code::Aborted),
+        (format!("{revision}:x:0"), Code::InvalidArgument),
+    ] {
+        let status = client
+            .resolve(ResolveRequest {
+                reference: "wide".into(),
+                page_token: token,
+                protocol: MANIFEST_PROTOCOL,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+    }
     assert_eq!(
         listed,
         files.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>()
