@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use modelcache_proto::Reference;
-use modelcache_proto::parts::{Assembly, MANIFEST_PROTOCOL};
+use modelcache_proto::parts::{Assembly, CHECK_PROTOCOL, MANIFEST_PROTOCOL};
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
 use modelcache_proto::v1::{self, ResolveRequest};
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
@@ -85,7 +85,7 @@ pub async fn resolve(client: &mut NodeClient, reference: &Reference) -> Result<v
             .resolve(ResolveRequest {
                 reference: reference.to_string(),
                 page_token: std::mem::take(&mut page_token),
-                protocol: MANIFEST_PROTOCOL,
+                protocol: CHECK_PROTOCOL,
             })
             .await
             .map_err(|s| older_node(s, reference))?

@@ -15,6 +15,10 @@ use crate::v1::{FileEntry, Manifest};
 /// that send 0 predate it.
 pub const MANIFEST_PROTOCOL: u32 = 2;
 
+/// The protocol that adds origin checks: each file of a `Fetch` ends with a `FileCheck`.
+/// Clients send this (it includes manifests in parts).
+pub const CHECK_PROTOCOL: u32 = 3;
+
 /// Encoded bytes of the file entries in one part, at most: a quarter of the 4 MiB that
 /// stock clients accept, leaving room for the manifest's other fields.
 pub const PART_BYTES: usize = 1 << 20;

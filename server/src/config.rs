@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
+use crate::checksum::ChecksumPolicy;
 use crate::error::{Error, Result};
 use crate::origin::S3Options;
 
@@ -51,6 +52,18 @@ pub struct Config {
     /// Ranged origin GETs (and cache reads) in flight per transfer.
     #[arg(long, env = "CACHE_NODE_ORIGIN_PARALLELISM", default_value_t = 16)]
     pub origin_parallelism: usize,
+
+    /// Compare each file read from the origin with the checksum the origin publishes:
+    /// `all` (S3's full-object checksums, else the MD5 ETag of a single-part upload),
+    /// `checksums` (the full-object checksums only: the MD5 pass costs ~1.5 CPU-s per
+    /// GiB), or `off`.
+    #[arg(
+        long,
+        env = "CACHE_NODE_ORIGIN_CHECKSUMS",
+        value_enum,
+        default_value = "all"
+    )]
+    pub origin_checksums: ChecksumPolicy,
 
     /// Variants built ahead of time, as soon as an original is read in full (comma-separated,
     /// e.g. `int8,fp16`; `none` builds variants only when asked for).

@@ -189,6 +189,18 @@ pub enum Error {
         index: u64,
     },
 
+    #[error(
+        "{name}/{path}: the bytes read from origin {origin} differ from its {detail}; the \
+         node dropped them and reads the file again: fetch again"
+    )]
+    OriginChecksumMismatch {
+        origin: String,
+        name: String,
+        path: String,
+        /// Which checksum, what it says and what the bytes gave.
+        detail: String,
+    },
+
     #[error("{what} failed: {detail}")]
     TaskFailed { what: String, detail: String },
 
@@ -264,6 +276,36 @@ impl Error {
             other => other,
         }
     }
+}
+
+/// The OS error code of the first I/O error in `err`'s chain, if any.
+pub(crate) fn io_error_code(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(code) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

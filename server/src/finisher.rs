@@ -1,6 +1,8 @@
-//! What follows a full read of an original: each file's SHA-256 (once per revision, in the
-//! background, one model at a time so that serving keeps the cores), every chunk made sure
-//! to be on the disk tier, and the manifest saved with all digests.
+//! What follows a full read of an original: each file's origin check and SHA-256 (once per
+//! revision, in the background, one model at a time so that serving keeps the cores),
+//! every chunk made sure to be on the disk tier, and the manifest saved with all digests.
+//! A revision counts as verified (its manifest is saved) only once every file passed its
+//! origin check.
 //!
 //! A party that needs a file's SHA-256 while the finisher computes it (a variant build
 //! recording its source) awaits the same computation through the file's `sha256` cell
@@ -11,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
+use crate::checks::OriginChecks;
+use crate::checksum::OriginCheck;
 use crate::chunks::ChunkReader;
 use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision};
@@ -18,6 +22,7 @@ use crate::tasks::Background;
 
 pub struct Finisher {
     reader: Arc<ChunkReader>,
+    checks: Arc<OriginChecks>,
     manifests: Arc<ManifestStore>,
     background: Background,
     /// Revisions (by id) finished or being finished: each is finished once.
@@ -29,11 +34,13 @@ pub struct Finisher {
 impl Finisher {
     pub fn new(
         reader: Arc<ChunkReader>,
+        checks: Arc<OriginChecks>,
         manifests: Arc<ManifestStore>,
         background: Background,
     ) -> Self {
         Self {
             reader,
+            checks,
             manifests,
             background,
             seen: Mutex::new(HashSet::new()),
@@ -88,6 +95,7 @@ impl Finisher {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         for file in 0..rev.files.len() {
+            self.check(rev, file).await?;
             self.reader.file_sha256(rev, file).await?;
         }
         let missing = self.reader.originals().persist(&rev.chunk_keys()).await;
@@ -95,5 +103,27 @@ impl Finisher {
             tracing::warn!(model = %rev.name, missing, "chunks did not reach the disk tier");
         }
         self.manifests.save(rev)
+    }
+
+    async fn check(&self, rev: &Arc<Revision>, file: usize) -> Result<()> {
+        let record = &rev.files[file];
+        let origin = || self.reader.origin().display().to_owned();
+        match self.checks.check(rev, file).await {
+            Ok(OriginCheck::Mismatch {
+                algorithm,
+                expected,
+                found,
+            }) => Err(Error::OriginChecksumMismatch {
+                origin: origin(),
+                name: rev.name.clone(),
+                path: record.origin.path.clone(),
+                detail: crate::checksum::mismatch(algorithm.name(), &expected, &found),
+            }),
+            Ok(_) => Ok(()),
+            Err(detail) => Err(Error::Origin {
+                origin: origin(),
+                detail: format!("checking {}/{}: {detail}", rev.name, record.origin.path),
+            }),
+        }
     }
 }

@@ -16,6 +16,8 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod checks;
+pub mod checksum;
 pub mod chunks;
 pub mod config;
 pub mod dirlock;

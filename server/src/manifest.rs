@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use crate::cache::ChunkKey;
+use crate::checksum::{CheckCell, OriginCheck};
 use crate::error::{Error, Result};
 use crate::origin::OriginFile;
 
@@ -32,6 +33,8 @@ pub struct FileRecord {
     /// `get_or_try_init`, so a second party that needs it waits for that computation
     /// instead of hashing the file again.
     pub sha256: OnceCell<String>,
+    /// The comparison with the checksum the origin publishes, once made.
+    pub origin_check: CheckCell,
 }
 
 /// Where a file a variant built came from (SPEC §3: recorded in the manifest and, where
@@ -60,6 +63,7 @@ impl FileRecord {
             keys,
             digests: (0..chunks).map(|_| OnceLock::new()).collect(),
             sha256: OnceCell::new(),
+            origin_check: CheckCell::default(),
         }
     }
 
@@ -221,6 +225,14 @@ impl Revision {
     pub fn has_all_sha256(&self) -> bool {
         self.files.iter().all(|f| f.sha256.get().is_some())
     }
+
+    /// Whether every file's origin check is settled (a revision restored from a manifest
+    /// saved before checks were made counts as checked: it was served as verified then).
+    pub fn has_all_checks(&self) -> bool {
+        self.files
+            .iter()
+            .all(|f| f.origin_check.settled().is_some())
+    }
 }
 
 fn copy_known(from: &FileRecord, to: &FileRecord) {
@@ -231,6 +243,11 @@ fn copy_known(from: &FileRecord, to: &FileRecord) {
     }
     if let Some(s) = from.sha256.get() {
         let _ = to.sha256.set(s.clone());
+    }
+    if let Some(check) = from.origin_check.settled()
+        && check.saved().is_some()
+    {
+        to.origin_check.settle(check);
     }
 }
 
@@ -294,6 +311,10 @@ struct SavedFile {
     /// A variant's own file (its chunks are in the variant tier), with its provenance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     provenance: Option<Provenance>,
+    /// The origin check's result (`verified:ALGORITHM` or `unchecked:REASON`); absent
+    /// while not made, and in manifests saved before checks were made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin_check: Option<String>,
 }
 
 /// Saved manifests, one JSON file per model under `CACHE_DIR/manifests/`.
@@ -343,6 +364,7 @@ impl ManifestStore {
                     chunk_blake3: f.digests.iter().map(|d| d.get().map(hex::encode)).collect(),
                     sha256: f.sha256.get().cloned(),
                     provenance: f.provenance.clone(),
+                    origin_check: f.origin_check.settled().and_then(|c| c.saved()),
                 })
                 .collect(),
             checksum: None,
@@ -464,6 +486,13 @@ fn restore(mut saved: SavedRevision) -> Result<Revision, String> {
         }
         if let Some(s) = &saved.sha256 {
             let _ = record.sha256.set(s.clone());
+        }
+        if let Some(check) = saved
+            .origin_check
+            .as_deref()
+            .and_then(OriginCheck::from_saved)
+        {
+            record.origin_check.settle(check);
         }
     }
     rev.recount();

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{BackoffConfig, GetOptions, GetRange, ObjectStore, RetryConfig};
 
-use crate::error::{Error, Result};
+use crate::checksum;
+use crate::error::{Error, Result, error_chain, io_error_code};
 
 /// Connection settings for an S3 origin beyond what `AWS_*` variables give.
 #[derive(Clone, Debug, Default)]
@@ -52,6 +53,10 @@ pub struct Origin {
     /// For a local-directory origin, its root with every symlink resolved: nothing outside
     /// it is ever listed or served.
     local_root: Option<std::path::PathBuf>,
+    /// For an S3 origin: the store again, to sign the `HEAD` that asks for an object's
+    /// checksums (object_store's own `head` does not return them), and the client that
+    /// sends it.
+    s3: Option<(Arc<AmazonS3>, reqwest::Client)>,
     counters: OriginCounters,
 }
 
@@ -105,15 +110,19 @@ impl Origin {
         if let Some(allow) = s3.allow_http {
             builder = builder.with_allow_http(allow);
         }
-        let store = builder
+        let store = Arc::new(
+            builder
+                .build()
+                .map_err(|e| Error::Config(format!("origin {spec}: {e}")))?,
+        );
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| Error::Config(format!("origin {spec}: {e}")))?;
+            .map_err(|e| Error::Config(format!("origin {spec}: an HTTP client: {e}")))?;
         let prefix = Path::from(url.path().trim_matches('/'));
-        Ok(Self::new(
-            Arc::new(store),
-            prefix,
-            spec.trim_end_matches('/'),
-        ))
+        let mut origin = Self::new(store.clone(), prefix, spec.trim_end_matches('/'));
+        origin.s3 = Some((store, http));
+        Ok(origin)
     }
 
     fn open_local(dir: &std::path::Path) -> Result<Self> {
@@ -141,8 +150,14 @@ impl Origin {
             prefix,
             display: display.to_owned(),
             local_root: None,
+            s3: None,
             counters: OriginCounters::default(),
         }
+    }
+
+    /// Whether this is a local-directory origin.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
     }
 
     pub fn display(&self) -> &str {
@@ -376,6 +391,74 @@ impl Origin {
         Ok(bytes)
     }
 
+    /// The checksum the origin publishes for `file` (see `checksum`): `None` when it
+    /// publishes none this node can use (a local directory, a multipart upload without a
+    /// full-object checksum, an encrypted object, MD5 ETags not wanted). One `HEAD` with
+    /// checksum mode enabled, checked against the version the revision was listed with.
+    pub async fn published_checksum(
+        &self,
+        name: &str,
+        file: &OriginFile,
+        md5: bool,
+    ) -> Result<Option<checksum::Published>> {
+        let Some((store, http)) = &self.s3 else {
+            return Ok(None);
+        };
+        let location = self.location(name, &file.path)?;
+        let failed = |detail: String| Error::OriginReadFailed {
+            origin: self.display.clone(),
+            name: name.to_owned(),
+            path: file.path.clone(),
+            start: 0,
+            end: file.size,
+            detail: format!("asking for its checksum: {detail}"),
+        };
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let response = checksum::head(store, http, &location)
+            .await
+            .map_err(|e| failed(error_chain(&*e)))?;
+        match response.status().as_u16() {
+            404 => {
+                return Err(Error::OriginFileGone {
+                    origin: self.display.clone(),
+                    name: name.to_owned(),
+                    path: file.path.clone(),
+                });
+            }
+            403 => {
+                return Err(Error::OriginDenied {
+                    origin: self.display.clone(),
+                    detail: format!("HEAD of {name}/{} was refused (403)", file.path),
+                });
+            }
+            status if !(200..300).contains(&status) => {
+                return Err(failed(format!("the origin answered {status}")));
+            }
+            _ => {}
+        }
+        let headers = response.headers();
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let found = if file.etag.starts_with(MODIFIED_TAG) {
+            let modified = header("last-modified")
+                .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+                .map(|d| d.with_timezone(&chrono::Utc))
+                .unwrap_or_default();
+            version_tag(None, modified)
+        } else {
+            header("etag").unwrap_or_default().to_owned()
+        };
+        if found != file.etag {
+            return Err(Error::OriginChanged {
+                origin: self.display.clone(),
+                name: name.to_owned(),
+                path: file.path.clone(),
+                expected: file.etag.clone(),
+                found,
+            });
+        }
+        Ok(checksum::from_headers(headers, md5))
+    }
+
     /// The names of an object path's segments as a model's files are called: as the
     /// store lists them (S3 keys and local file names alike, `#`, `%`, `ü` included).
     fn names<'a>(
@@ -534,34 +617,4 @@ fn version_tag(etag: Option<&str>, modified: chrono::DateTime<chrono::Utc>) -> S
         Some(e) if !e.is_empty() => e.to_owned(),
         _ => format!("{MODIFIED_TAG}{}", modified.timestamp()),
     }
-}
-
-/// The OS error code of the first I/O error in `err`'s chain, if any.
-fn io_error_code(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if let Some(code) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::raw_os_error)
-        {
-            return Some(code);
-        }
-        next = e.source();
-    }
-    None
-}
-
-/// An error and its sources on one line.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }

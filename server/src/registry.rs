@@ -14,6 +14,7 @@ use modelcache_quant::Variant;
 
 use crate::cache::{ChunkCache, Tier};
 use crate::catalog::{Catalog, Resolved};
+use crate::checks::{FilePiece, OriginChecks, Sent, WithChecks};
 use crate::chunks::{ChunkRead, ChunkReader};
 use crate::config::Config;
 use crate::dirlock::DirLock;
@@ -58,6 +59,8 @@ pub struct FetchRequest {
     /// Empty: from the first file.
     pub file: String,
     pub offset: u64,
+    /// End each file with its origin check (clients of protocol 3 or later).
+    pub with_checks: bool,
 }
 
 /// One chunk of a transfer.
@@ -69,10 +72,21 @@ pub struct Chunk {
     pub tier: Tier,
 }
 
-/// An open `Fetch`: the manifest to send first, then the chunks in order.
+impl FilePiece for Chunk {
+    fn file(&self) -> usize {
+        self.file_index as usize
+    }
+
+    fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
+/// An open `Fetch`: the manifest to send first, then the chunks in order, each file
+/// ended by its origin check when asked for.
 pub struct Transfer {
     pub manifest: ManifestView,
-    pub chunks: BoxStream<'static, Result<Chunk>>,
+    pub items: BoxStream<'static, Result<Sent<Chunk>>>,
 }
 
 /// What `Prefetch` did for one model.
@@ -89,6 +103,7 @@ pub struct Registry {
     reader: Arc<ChunkReader>,
     variants: Arc<VariantBuilder>,
     finisher: Arc<Finisher>,
+    checks: Arc<OriginChecks>,
     manifests: Arc<ManifestStore>,
     background: Background,
     stats: Arc<NodeStats>,
@@ -151,17 +166,30 @@ impl Registry {
         for rev in saved_variants {
             variants.restore(rev);
         }
-        let finisher = Finisher::new(reader.clone(), manifests.clone(), background.clone());
+        let catalog = Arc::new(catalog);
+        let checks = Arc::new(OriginChecks::new(
+            reader.clone(),
+            catalog.clone(),
+            background.clone(),
+            config.origin_checksums,
+        ));
+        let finisher = Finisher::new(
+            reader.clone(),
+            checks.clone(),
+            manifests.clone(),
+            background.clone(),
+        );
         for rev in catalog.cached() {
             if rev.all_digests_known() && rev.has_all_sha256() {
                 finisher.finished(&rev);
             }
         }
         Ok(Self {
-            catalog: Arc::new(catalog),
+            catalog,
             reader,
             variants: Arc::new(variants),
             finisher: Arc::new(finisher),
+            checks,
             manifests,
             background,
             stats,
@@ -289,11 +317,24 @@ impl Registry {
             self.reader.parallelism(),
             self.read_ahead.clone(),
             read_chunk,
-        )
-        .boxed();
+        );
+        let items = if request.with_checks {
+            let finisher = self.finisher.clone();
+            let forget = resolved.revision.clone();
+            WithChecks::new(
+                chunks,
+                resolved.revision.clone(),
+                start_file,
+                self.checks.clone(),
+                Box::new(move || finisher.forget(&forget)),
+            )
+            .boxed()
+        } else {
+            chunks.map_ok(Sent::Chunk).boxed()
+        };
         Ok(Transfer {
             manifest: self.describe(resolved),
-            chunks,
+            items,
         })
     }
 

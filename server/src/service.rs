@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
-use modelcache_proto::parts::{self, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
+use modelcache_proto::parts::{self, CHECK_PROTOCOL, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
     self, FetchResponse, ListRequest, ListResponse, PrefetchRequest, PrefetchResponse,
@@ -16,6 +16,8 @@ use modelcache_proto::{CHUNK_SIZE, Reference};
 use modelcache_quant::Variant;
 use tonic::{Code, Request, Response, Status};
 
+use crate::checks::Sent;
+use crate::checksum::OriginCheck;
 use crate::error::{Error, quote};
 use crate::manifest::{FileRecord, Provenance, Revision};
 use crate::registry::{Chunk, FetchRequest, ManifestView, ModelListing, Registry, TierCounts};
@@ -53,6 +55,7 @@ pub fn code(error: &Error) -> Code {
         | Error::OriginFileGone { .. }
         | Error::RevisionChanged { .. }
         | Error::RecordDiscarded { .. }
+        | Error::OriginChecksumMismatch { .. }
         | Error::VariantEvicted { .. } => Code::Aborted,
         Error::Shared(inner) => code(inner),
         Error::ChunkCorrupt { .. }
@@ -110,6 +113,7 @@ impl ModelCache for NodeService {
         }
         let mut manifest = manifest(self.registry.describe(resolved));
         manifest.files = files;
+        manifest.origin_checks = request.protocol >= CHECK_PROTOCOL;
         Ok(Response::new(ResolveResponse {
             manifest: Some(manifest),
             next_page_token: next.map(|n| n.token(&rev.id)).unwrap_or_default(),
@@ -131,6 +135,7 @@ impl ModelCache for NodeService {
                 revision: req.revision,
                 file: req.file,
                 offset: req.offset,
+                with_checks: protocol >= CHECK_PROTOCOL,
             })
             .await?;
         let rev = transfer.manifest.resolved.revision.clone();
@@ -140,6 +145,7 @@ impl ModelCache for NodeService {
         }
         let mut first = manifest(transfer.manifest);
         first.files = files;
+        first.origin_checks = protocol >= CHECK_PROTOCOL;
         let first = FetchResponse {
             item: Some(fetch_response::Item::Manifest(first)),
         };
@@ -156,7 +162,7 @@ impl ModelCache for NodeService {
                 Some((Ok(message), next))
             }
         });
-        let chunks = transfer.chunks.map_ok(chunk).map_err(Status::from);
+        let chunks = transfer.items.map_ok(sent).map_err(Status::from);
         let body = stream::once(std::future::ready(Ok(first)))
             .chain(parts)
             .chain(chunks);
@@ -200,14 +206,42 @@ impl ModelCache for NodeService {
     }
 }
 
-fn chunk(chunk: Chunk) -> FetchResponse {
-    FetchResponse {
-        item: Some(fetch_response::Item::Chunk(v1::Chunk {
+fn sent(sent: Sent<Chunk>) -> FetchResponse {
+    let item = match sent {
+        Sent::Chunk(chunk) => fetch_response::Item::Chunk(v1::Chunk {
             file_index: chunk.file_index,
             offset: chunk.offset,
             data: chunk.data,
             blake3: chunk.digest.to_vec(),
-        })),
+        }),
+        Sent::Checked { file, check } => fetch_response::Item::FileCheck(file_check(file, check)),
+    };
+    FetchResponse { item: Some(item) }
+}
+
+fn file_check(file: usize, check: OriginCheck) -> v1::FileCheck {
+    use v1::file_check::Result as Found;
+    let (result, algorithm, detail) = match check {
+        OriginCheck::Verified { algorithm } => (Found::Verified, algorithm.name(), String::new()),
+        OriginCheck::Unchecked { reason } => (Found::Unchecked, "", reason),
+        OriginCheck::Mismatch {
+            algorithm,
+            expected,
+            found,
+        } => (
+            Found::Mismatch,
+            algorithm.name(),
+            format!(
+                "the origin's {} is {expected}; the bytes read give {found}",
+                algorithm.name()
+            ),
+        ),
+    };
+    v1::FileCheck {
+        file_index: file as u32,
+        result: result as i32,
+        algorithm: algorithm.to_owned(),
+        detail,
     }
 }
 
@@ -252,6 +286,8 @@ fn manifest(view: ManifestView) -> v1::Manifest {
         stale_reason: stale_reason.unwrap_or_default(),
         tiers: Some(tiers(view.tiers)),
         variants: view.variants.into_iter().map(variant_state).collect(),
+        // Set by the caller, which knows the client's protocol.
+        origin_checks: false,
     }
 }
 

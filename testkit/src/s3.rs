@@ -47,6 +47,9 @@ pub struct Tap {
     pub get_delay_ms: AtomicU64,
     /// Cut each object GET's body after this many bytes (0 = off).
     pub cut_after: AtomicU64,
+    /// Flip one bit in the first bytes of the next this many object GET bodies (bytes
+    /// damaged in transit, under an intact ETag).
+    pub flip_next: AtomicU64,
     /// Answer everything with 503 (a failing origin).
     pub fail_all: AtomicBool,
     /// Sleep this many milliseconds before answering any request (a hung origin).
@@ -133,6 +136,10 @@ impl S3Server {
 
     /// An S3 client of the bucket, for seeding through the S3 API.
     pub fn client(&self) -> AmazonS3 {
+        self.client_builder().build().unwrap()
+    }
+
+    fn client_builder(&self) -> AmazonS3Builder {
         AmazonS3Builder::new()
             .with_endpoint(self.endpoint())
             .with_bucket_name(BUCKET)
@@ -140,8 +147,6 @@ impl S3Server {
             .with_secret_access_key(SECRET_KEY)
             .with_region(REGION)
             .with_allow_http(true)
-            .build()
-            .unwrap()
     }
 
     /// Uploads `data` (small) under exactly `key`, whatever characters it holds
@@ -150,6 +155,26 @@ impl S3Server {
         let path = Path::parse(key).unwrap_or_else(|e| panic!("{key:?}: {e}"));
         self.client()
             .put(&path, Bytes::copy_from_slice(data).into())
+            .await
+            .unwrap();
+        self.tap.reset();
+    }
+
+    /// Uploads `data` (small) as `key` with a full-object checksum of `algorithm`, as
+    /// current S3 clients do by default.
+    pub async fn put_with_checksum(
+        &self,
+        key: &str,
+        data: &[u8],
+        algorithm: object_store::aws::Checksum,
+    ) {
+        let client = self
+            .client_builder()
+            .with_checksum_algorithm(algorithm)
+            .build()
+            .unwrap();
+        client
+            .put(&Path::from(key), Bytes::copy_from_slice(data).into())
             .await
             .unwrap();
         self.tap.reset();
@@ -252,6 +277,11 @@ async fn handle(
             tap: tap.clone(),
             counted: is_object_get,
             remaining: (is_object_get && cut > 0).then_some(cut),
+            flip: is_object_get
+                && tap
+                    .flip_next
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok(),
         }
         .boxed()
     }))
@@ -263,6 +293,8 @@ struct TapBody {
     tap: Arc<Tap>,
     counted: bool,
     remaining: Option<u64>,
+    /// Flip a bit of the next data frame's first byte.
+    flip: bool,
 }
 
 impl Body for TapBody {
@@ -287,6 +319,12 @@ impl Body for TapBody {
             let keep = remaining.min(data.len() as u64);
             data.truncate(keep as usize);
             self.remaining = Some(remaining - keep);
+        }
+        if self.flip && !data.is_empty() {
+            self.flip = false;
+            let mut damaged = data.to_vec();
+            damaged[0] ^= 0x10;
+            data = Bytes::from(damaged);
         }
         if self.counted {
             self.tap

@@ -583,6 +583,9 @@ async fn a_manifest_too_large_for_one_message_comes_in_parts() {
                 parts += 1;
             }
             fetch_response::Item::Chunk(c) => chunks.push(c),
+            fetch_response::Item::FileCheck(c) => {
+                panic!("a file check sent to a protocol-2 client: {c:?}")
+            }
         }
     }
     assert_eq!(entries, FILES + 1);

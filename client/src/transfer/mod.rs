@@ -21,8 +21,8 @@ use crate::layout::{Layout, LocalFile, LocalManifest};
 use crate::node::NodeClient;
 use crate::progress::Progress;
 use resume::{DownloadState, normalize};
-use stream::Position;
-use writer::Target;
+use stream::{Position, Received};
+use writer::{Target, Write};
 
 /// Verified chunks queued for the writer.
 const WRITE_QUEUE: usize = 8;
@@ -232,7 +232,10 @@ fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Receives the rest of `m` from `state` on; returns the bytes received.
+/// Receives the rest of `m` from `state` on; returns the bytes received. With a node that
+/// sends origin checks, every file's check must arrive before the download counts as
+/// complete; a file that fails it is forgotten and the attempt ends `Aborted`, so the
+/// next one fetches it again.
 async fn receive(
     conn: Connection<'_>,
     layout: &Layout,
@@ -241,11 +244,14 @@ async fn receive(
     state: DownloadState,
     progress: &Progress,
 ) -> Result<u64> {
-    let (file, offset) = normalize(m, state.file, state.offset);
+    let (file, offset) = state.resume_at();
+    let (file, offset) = normalize(m, file, offset);
     if file == m.files.len() {
         return Ok(0);
     }
     let mut at = Position { file, offset };
+    let opened = stream::open(conn.client, reference, m, at).await?;
+    let checks = opened.checks;
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
     let writer = {
         let target = Target {
@@ -257,28 +263,53 @@ async fn receive(
         let state = DownloadState {
             file,
             offset,
+            checked: checks.then_some(file),
             ..state
         };
         tokio::task::spawn_blocking(move || writer::write_loop(rx, target, state))
     };
-    let fetch = stream::open(conn.client, reference, m, at).await?;
-    let mut chunks = std::pin::pin!(stream::hashed(
-        fetch,
+    let mut items = std::pin::pin!(stream::hashed(
+        opened.stream,
         reference,
         conn.node,
         conn.idle_timeout
     ));
+    // The next file whose origin check is due.
+    let mut next_check = if checks { file } else { m.files.len() };
     let mut transferred = 0u64;
-    while let Some(result) = chunks.next().await {
-        let (chunk, digest) = result?;
-        let verified = stream::verify(reference, m, &mut at, chunk, digest)?;
-        let len = verified.data.len() as u64;
-        if tx.send(verified).await.is_err() {
+    let mut failed = None;
+    while let Some(item) = items.next().await {
+        let message = match item? {
+            Received::Chunk(chunk, digest) => {
+                let verified = stream::verify(reference, m, &mut at, chunk, digest)?;
+                transferred += verified.data.len() as u64;
+                progress.inc(verified.data.len() as u64);
+                Write::Chunk(verified)
+            }
+            Received::Check(check) => {
+                let file = check_arrived(reference, at, next_check, &check)?;
+                next_check += 1;
+                if check.result() == v1::file_check::Result::Mismatch {
+                    failed = Some(AgentError::Aborted {
+                        message: format!(
+                            "{} of {reference} differs from its origin's checksum at the \
+                             node ({}); the node dropped it, fetching it again",
+                            m.files[file].path, check.detail
+                        ),
+                    });
+                    Write::Redo(file)
+                } else {
+                    if !check.detail.is_empty() {
+                        tracing::debug!(%reference, path = %m.files[file].path, "not checked against the origin: {}", check.detail);
+                    }
+                    Write::Checked(file)
+                }
+            }
+        };
+        if tx.send(message).await.is_err() || failed.is_some() {
             break; // the writer stopped; its error is reported below
         }
-        transferred += len;
-        progress.inc(len);
-        if at.file == m.files.len() {
+        if at.file == m.files.len() && next_check == m.files.len() {
             break;
         }
     }
@@ -286,6 +317,9 @@ async fn receive(
     writer
         .await
         .map_err(|e| AgentError::io("writer", std::io::Error::other(e)))??;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     if at.file != m.files.len() {
         return Err(AgentError::Unavailable {
             message: format!(
@@ -294,7 +328,36 @@ async fn receive(
             ),
         });
     }
+    if next_check != m.files.len() {
+        return Err(AgentError::Unavailable {
+            message: format!(
+                "the node's stream for {reference} ended before the origin check of {}; run \
+                 again to resume",
+                m.files[next_check].path
+            ),
+        });
+    }
     Ok(transferred)
+}
+
+/// Checks that `check` is the one due next, for a file received in full; returns its file.
+fn check_arrived(
+    reference: &Reference,
+    at: Position,
+    due: usize,
+    check: &v1::FileCheck,
+) -> Result<usize> {
+    let file = check.file_index as usize;
+    if file != due || file >= at.file {
+        return Err(protocol(
+            reference,
+            format!(
+                "origin check of file #{file} out of order (due: #{due}, receiving #{})",
+                at.file
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// The local manifest of a finished download: every file's size, the chunk digests the

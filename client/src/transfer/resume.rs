@@ -1,6 +1,7 @@
 //! How far a download got, saved beside the partial directory so that an interrupted
 //! prefetch resumes there: every file before `file` is complete, `file` has `offset`
-//! verified bytes, and the digests of the chunks written so far.
+//! verified bytes, and the digests of the chunks written so far; with a node that sends
+//! origin checks, every file before `checked` also passed its check.
 
 use std::path::Path;
 
@@ -16,6 +17,9 @@ pub(super) struct DownloadState {
     pub file: usize,
     pub offset: u64,
     pub chunk_blake3: Vec<Vec<String>>,
+    /// Files before this one passed their origin check; absent when the node sent none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<usize>,
 }
 
 impl DownloadState {
@@ -26,7 +30,28 @@ impl DownloadState {
             file: 0,
             offset: 0,
             chunk_blake3: vec![Vec::new(); m.files.len()],
+            checked: None,
         }
+    }
+
+    /// Where to resume: where the bytes stop, or, when origin checks are recorded, at the
+    /// first file whose check did not arrive (a file complete but unchecked is fetched
+    /// again: it is published only after its check).
+    pub fn resume_at(&self) -> (usize, u64) {
+        match self.checked {
+            Some(checked) if checked < self.file => (checked, 0),
+            _ => (self.file, self.offset),
+        }
+    }
+
+    /// Forgets file `file` and everything after it: they are fetched again.
+    pub fn redo_from(&mut self, file: usize) {
+        self.file = file;
+        self.offset = 0;
+        for list in self.chunk_blake3.iter_mut().skip(file) {
+            list.clear();
+        }
+        self.checked = Some(file.min(self.checked.unwrap_or(file)));
     }
 
     /// The saved state at `path`, if it belongs to `m` and makes sense for it.

@@ -15,7 +15,7 @@ use super::resume::normalize;
 use super::writer::Verified;
 use crate::error::{AgentError, Result};
 use crate::node::{NodeClient, older_node};
-use modelcache_proto::parts::MANIFEST_PROTOCOL;
+use modelcache_proto::parts::CHECK_PROTOCOL;
 
 /// Chunks being hashed at once; a little more than the cores so none waits for bytes.
 fn hash_pipeline_depth() -> usize {
@@ -29,19 +29,26 @@ pub(super) struct Position {
     pub offset: u64,
 }
 
+/// An open `Fetch`, after its manifest.
+pub(super) struct Opened {
+    pub stream: tonic::Streaming<v1::FetchResponse>,
+    /// The node ends each file with a `FileCheck` (older nodes do not).
+    pub checks: bool,
+}
+
 /// Opens `Fetch` for the revision of `m` from `at`; returns the stream after its manifest.
 pub(super) async fn open(
     client: &mut NodeClient,
     reference: &Reference,
     m: &v1::Manifest,
     at: Position,
-) -> Result<tonic::Streaming<v1::FetchResponse>> {
+) -> Result<Opened> {
     let request = FetchRequest {
         reference: reference.to_string(),
         file: m.files[at.file].path.clone(),
         offset: at.offset,
         revision: m.revision.clone(),
-        protocol: MANIFEST_PROTOCOL,
+        protocol: CHECK_PROTOCOL,
     };
     let older = |s| older_node(s, reference);
     let mut stream = client.fetch(request).await.map_err(older)?.into_inner();
@@ -63,7 +70,10 @@ pub(super) async fn open(
                     _ => return Err(protocol(reference, "the manifest's parts ended early")),
                 }
             }
-            Ok(stream)
+            Ok(Opened {
+                stream,
+                checks: fm.origin_checks,
+            })
         }
         Some(fetch_response::Item::Manifest(fm)) => Err(AgentError::Aborted {
             message: format!(
@@ -96,14 +106,22 @@ fn with_idle_timeout<'a>(
     })
 }
 
-/// The chunks of `stream` with their BLAKE3 digests, hashed several at a time, in order;
-/// an error if the node sends nothing for `idle`.
+/// What the stream brings after the manifest.
+pub(super) enum Received {
+    /// A chunk with the BLAKE3 digest of its bytes.
+    Chunk(v1::Chunk, [u8; 32]),
+    /// A file's origin check.
+    Check(v1::FileCheck),
+}
+
+/// The chunks of `stream` with their BLAKE3 digests, hashed several at a time, and the
+/// files' origin checks, in order; an error if the node sends nothing for `idle`.
 pub(super) fn hashed<'a>(
     stream: tonic::Streaming<v1::FetchResponse>,
     reference: &'a Reference,
     node: &'a str,
     idle: Duration,
-) -> impl Stream<Item = Result<(v1::Chunk, [u8; 32])>> + 'a {
+) -> impl Stream<Item = Result<Received>> + 'a {
     let stalled = move || AgentError::Stalled {
         node: node.to_owned(),
         reference: reference.to_string(),
@@ -113,11 +131,12 @@ pub(super) fn hashed<'a>(
         .map(move |item| async move {
             let chunk = match item?.item {
                 Some(fetch_response::Item::Chunk(c)) => c,
+                Some(fetch_response::Item::FileCheck(check)) => return Ok(Received::Check(check)),
                 _ => return Err(protocol(reference, "expected a chunk after the manifest")),
             };
             tokio::task::spawn_blocking(move || {
                 let digest = *blake3::hash(&chunk.data).as_bytes();
-                (chunk, digest)
+                Received::Chunk(chunk, digest)
             })
             .await
             .map_err(|e| AgentError::io("hashing", std::io::Error::other(e)))

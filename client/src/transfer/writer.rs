@@ -3,7 +3,7 @@
 //! `PROGRESS_EVERY`, whichever comes first, and at the end of every file).
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write as _};
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -15,6 +15,15 @@ use crate::layout::open_for_write;
 
 const PROGRESS_EVERY_BYTES: u64 = 64 * 1024 * 1024;
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What the writer is told, in stream order.
+pub(super) enum Write {
+    Chunk(Verified),
+    /// File `.0` passed its origin check (or has none to pass).
+    Checked(usize),
+    /// File `.0` failed its origin check: it and everything after it are fetched again.
+    Redo(usize),
+}
 
 /// A verified chunk to write.
 pub(super) struct Verified {
@@ -37,7 +46,7 @@ pub(super) struct Target {
 
 /// Writes the chunks `rx` brings, from `state` on; returns when the sender is dropped.
 pub(super) fn write_loop(
-    mut rx: mpsc::Receiver<Verified>,
+    mut rx: mpsc::Receiver<Write>,
     target: Target,
     mut state: DownloadState,
 ) -> Result<()> {
@@ -52,7 +61,19 @@ pub(super) fn write_loop(
     let mut saved_when = std::time::Instant::now();
     let mut written = 0u64;
     let mut open: Option<(usize, File)> = None;
-    while let Some(chunk) = rx.blocking_recv() {
+    while let Some(message) = rx.blocking_recv() {
+        let chunk = match message {
+            Write::Chunk(chunk) => chunk,
+            Write::Checked(file) => {
+                state.checked = Some(file + 1);
+                continue;
+            }
+            Write::Redo(file) => {
+                state.redo_from(file);
+                state.save(&target.progress)?;
+                return Ok(());
+            }
+        };
         let file = chunk.file;
         let path = target.dir.join(&target.files[file].0);
         if open.as_ref().is_none_or(|(f, _)| *f != file) {
