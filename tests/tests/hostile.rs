@@ -21,6 +21,20 @@ struct HostileNode {
     files: Vec<(String, Bytes)>,
     /// Digest to announce for each chunk; `None` = the true one.
     wrong_digest: bool,
+    /// What it says of origin checks.
+    checks: Checks,
+}
+
+/// The origin checks a hostile node claims.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Checks {
+    /// None, like a node from before checks.
+    #[default]
+    Absent,
+    /// Announced in the manifest, never sent.
+    Promised,
+    /// Every file fails its check.
+    Mismatch,
 }
 
 impl HostileNode {
@@ -41,6 +55,7 @@ impl HostileNode {
                 })
                 .collect(),
             total_size: self.files.iter().map(|(_, b)| b.len() as u64).sum(),
+            origin_checks: self.checks != Checks::Absent,
             ..Default::default()
         }
     }
@@ -83,6 +98,18 @@ impl ModelCache for HostileNode {
                         blake3: digest,
                     })),
                 }));
+            }
+            if self.checks == Checks::Mismatch {
+                items.push(Ok(FetchResponse {
+                    item: Some(fetch_response::Item::FileCheck(FileCheck {
+                        file_index: i as u32,
+                        result: file_check::Result::Mismatch as i32,
+                        algorithm: "md5".into(),
+                        detail: "the origin's md5 is 00; the bytes read give 11".into(),
+                    })),
+                }));
+                items.push(Err(Status::aborted("the bytes differ from the origin's")));
+                break;
             }
         }
         Ok(Response::new(Box::pin(stream::iter(items))))
@@ -153,6 +180,7 @@ async fn hostile_paths_are_refused_and_nothing_lands_outside() {
                 .map(|(p, b)| ((*p).to_owned(), Bytes::copy_from_slice(b)))
                 .collect(),
             wrong_digest: false,
+            checks: Checks::Absent,
         };
         let (addr, task) = serve(node).await;
         let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], &dir);
@@ -189,6 +217,7 @@ async fn chunks_failing_their_digest_are_never_published() {
     let node = HostileNode {
         files: vec![("model.onnx".into(), Bytes::from(data.to_vec()))],
         wrong_digest: true,
+        checks: Checks::Absent,
     };
     let (addr, task) = serve(node).await;
     let dir = tempfile::tempdir().unwrap();
@@ -200,6 +229,37 @@ async fn chunks_failing_their_digest_are_never_published() {
     assert!(matches!(err, AgentError::Integrity { .. }), "{err:?}");
     assert!(!dir.path().join("victim/@original").exists());
     task.abort();
+}
+
+/// A file is published only after its origin check: a node that announces checks and
+/// never sends them, or reports a mismatch every time, gets nothing published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_published_only_after_their_origin_check() {
+    let data = modelcache_testkit::data(4, 3 * CHUNK_SIZE as usize + 5);
+    for (checks, expected) in [
+        (Checks::Promised, "before the origin check of model.bin"),
+        (Checks::Mismatch, "differs from its origin's checksum"),
+    ] {
+        let (addr, task) = serve(HostileNode {
+            files: vec![("model.bin".into(), Bytes::from(data.clone()))],
+            wrong_digest: false,
+            checks,
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
+        let err = agent
+            .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(
+            tree(dir.path()).iter().all(|p| !p.contains("@original")),
+            "{:?}",
+            tree(dir.path())
+        );
+        task.abort();
+    }
 }
 
 /// A node from before manifests came in parts sends a large manifest whole; the agent's
@@ -218,6 +278,7 @@ async fn an_older_node_sending_a_manifest_over_4_mib_is_named_as_older() {
     let (addr, _task) = serve(HostileNode {
         files,
         wrong_digest: false,
+        checks: Checks::Absent,
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
