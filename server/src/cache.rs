@@ -281,6 +281,7 @@ impl ChunkCache {
         let room = Arc::new(std::sync::Mutex::new(None));
         let fetch = {
             let landing = self.landing.clone();
+            let hybrid = self.hybrid.clone();
             let room = room.clone();
             async move {
                 if let Some(value) = landing.get(&key) {
@@ -288,7 +289,10 @@ impl ChunkCache {
                 }
                 let permit = landing.room().await;
                 let value = read.await?;
-                *room.lock().expect("room lock") = Some(permit);
+                // A large origin read may have put it into the tiers itself meanwhile.
+                if landing.get(&key).is_none() && !hybrid.memory().contains(&key) {
+                    *room.lock().expect("room lock") = Some(permit);
+                }
                 Ok(value)
             }
         };
@@ -333,6 +337,44 @@ impl ChunkCache {
             .get_or_fetch(&key, move || fetch)
             .await
             .map_err(|e| unwrap_fetch_error(&self.dir, e))
+    }
+
+    /// The chunk if the landing table or the memory tier has it.
+    pub fn landed(&self, key: &ChunkKey) -> Option<ChunkValue> {
+        self.landing.get(key).or_else(|| {
+            self.hybrid
+                .memory()
+                .get(key)
+                .map(|entry| entry.value().clone())
+        })
+    }
+
+    /// Whether the chunk is held anywhere (landing, memory, or, as far as the disk tier's
+    /// index knows, disk): a large origin read leaves it out.
+    pub fn holds(&self, key: &ChunkKey) -> bool {
+        self.landing.get(key).is_some() || self.in_memory(key) || self.on_disk(key)
+    }
+
+    /// Puts a chunk read from the origin that no reader waits for (the rest of a large
+    /// read) into the tiers without waiting: held until the disk tier has it when the
+    /// landing budget has room, else inserted like any other entry.
+    pub fn offer(&self, key: ChunkKey, value: ChunkValue) {
+        if self.landing.get(&key).is_some() || self.in_memory(&key) {
+            return;
+        }
+        match self.landing.try_room() {
+            Some(room) => {
+                let properties = HybridCacheProperties::default().with_location(Location::InMem);
+                let entry = self
+                    .hybrid
+                    .insert_with_properties(key, value.clone(), properties);
+                self.hybrid.storage().enqueue(entry.piece(), true);
+                self.landing.hold(key, value, room);
+            }
+            None => {
+                self.hybrid.insert(key, value);
+            }
+        }
     }
 
     /// Inserts a chunk built on this node (a variant's bytes); it is written to disk too.

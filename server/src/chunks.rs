@@ -11,11 +11,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
 use sha2::Digest;
 
 use crate::cache::{ChunkCache, ChunkValue, Tier};
 use crate::error::{Error, Result};
+use crate::fills::{FileRef, Fills};
 use crate::manifest::Revision;
 use crate::origin::Origin;
 use crate::stats::NodeStats;
@@ -34,8 +35,12 @@ pub struct ChunkReader {
     originals: Arc<ChunkCache>,
     /// The tier of files variants built; a miss there cannot be filled from the origin.
     built: Arc<ChunkCache>,
-    /// Chunks read ahead (and origin GETs in flight) per file or transfer.
+    /// Chunks read ahead per file or transfer.
     parallelism: usize,
+    /// Large origin reads cut into chunks; `None` reads the origin chunk by chunk (a
+    /// local directory, whose reads cost no request latency and are checked for rewrites
+    /// chunk by chunk).
+    fills: Option<Arc<Fills>>,
     stats: Arc<NodeStats>,
 }
 
@@ -45,6 +50,7 @@ impl ChunkReader {
         originals: Arc<ChunkCache>,
         built: Arc<ChunkCache>,
         parallelism: usize,
+        fills: Option<Arc<Fills>>,
         stats: Arc<NodeStats>,
     ) -> Self {
         Self {
@@ -52,6 +58,7 @@ impl ChunkReader {
             originals,
             built,
             parallelism: parallelism.max(1),
+            fills,
             stats,
         }
     }
@@ -93,13 +100,26 @@ impl ChunkReader {
             let (value, tier) = if record.built {
                 cache.get(key).await?.ok_or_else(|| evicted(rev))?
             } else {
-                let origin = self.origin.clone();
-                let name = rev.name.clone();
-                let origin_file = record.origin.clone();
-                let range = record.chunk_range(index);
-                let fetch = async move {
-                    let data = origin.read_range(&name, &origin_file, range).await?;
-                    Ok(ChunkValue::new(data))
+                let fetch = match &self.fills {
+                    Some(fills) => {
+                        let file = FileRef {
+                            name: rev.name.clone(),
+                            variant: rev.variant.clone(),
+                            file: record.origin.clone(),
+                        };
+                        fills.clone().read(file, index).boxed()
+                    }
+                    None => {
+                        let origin = self.origin.clone();
+                        let name = rev.name.clone();
+                        let origin_file = record.origin.clone();
+                        let range = record.chunk_range(index);
+                        async move {
+                            let data = origin.read_range(&name, &origin_file, range).await?;
+                            Ok(ChunkValue::new(data))
+                        }
+                        .boxed()
+                    }
                 };
                 cache.get_or_read(key, fetch).await?
             };

@@ -49,9 +49,21 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_DISK_CAPACITY", default_value = "20GiB")]
     pub disk_capacity: ByteSize,
 
-    /// Ranged origin GETs (and cache reads) in flight per transfer.
+    /// Chunks a transfer reads ahead of its client (through the tiers; a miss joins or
+    /// starts a large origin read).
     #[arg(long, env = "CACHE_NODE_ORIGIN_PARALLELISM", default_value_t = 16)]
     pub origin_parallelism: usize,
+
+    /// Longest ranged GET to an S3 origin: missing chunks of a file are read in runs of up
+    /// to this many bytes per request, cut into 2 MiB chunks as they arrive (rounded down
+    /// to whole chunks; `2MiB` reads chunk by chunk).
+    #[arg(long, env = "CACHE_NODE_ORIGIN_PART_SIZE", default_value = "16MiB")]
+    pub origin_part_size: ByteSize,
+
+    /// Origin GETs in flight on the whole node, at most (for origins that bill or throttle
+    /// per request).
+    #[arg(long, env = "CACHE_NODE_ORIGIN_MAX_REQUESTS", default_value_t = 64)]
+    pub origin_max_requests: usize,
 
     /// Compare each file read from the origin with the checksum the origin publishes:
     /// `all` (S3's full-object checksums, else the MD5 ETag of a single-part upload),

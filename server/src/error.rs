@@ -278,6 +278,61 @@ impl Error {
     }
 }
 
+/// Turns an `object_store` error into one a caller can act on.
+pub(crate) fn classify(origin: &str, name: &str, err: object_store::Error) -> Error {
+    let origin = origin.to_owned();
+    match err {
+        object_store::Error::NotFound { .. } => Error::ModelNotFound {
+            name: name.to_owned(),
+            origin,
+            hint: String::new(),
+        },
+        object_store::Error::PermissionDenied { source, .. }
+        | object_store::Error::Unauthenticated { source, .. } => Error::OriginDenied {
+            origin,
+            detail: source.to_string(),
+        },
+        object_store::Error::Generic { source, .. } => {
+            let detail = error_chain(source.as_ref());
+            let os_error = io_error_code(source.as_ref());
+            if os_error == Some(libc::ENAMETOOLONG) {
+                return Error::ModelNotFound {
+                    name: name.to_owned(),
+                    origin,
+                    hint: "; a local origin cannot hold a name longer than 255 bytes".into(),
+                };
+            }
+            if os_error == Some(libc::ELOOP) || detail.contains("File system loop found") {
+                return Error::OriginSymlinkLoop {
+                    origin,
+                    name: name.to_owned(),
+                    detail,
+                };
+            }
+            // List requests report a refused signature as a generic failure with the
+            // status in the text; S3 answers 403 (or 401) for bad credentials.
+            if detail.contains("403 Forbidden") || detail.contains("401 Unauthorized") {
+                Error::OriginDenied { origin, detail }
+            } else {
+                Error::OriginUnavailable {
+                    origin,
+                    name: name.to_owned(),
+                    detail,
+                }
+            }
+        }
+        object_store::Error::InvalidPath { source } => Error::OriginUnusableKey {
+            origin,
+            name: name.to_owned(),
+            detail: source.to_string(),
+        },
+        other => Error::Origin {
+            origin,
+            detail: other.to_string(),
+        },
+    }
+}
+
 /// The OS error code of the first I/O error in `err`'s chain, if any.
 pub(crate) fn io_error_code(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut next = Some(err);

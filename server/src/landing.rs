@@ -74,6 +74,14 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
             .expect("the landing budget is never closed")
     }
 
+    /// Room for one chunk if the budget has it now.
+    pub fn try_room(&self) -> Option<OwnedSemaphorePermit> {
+        self.room
+            .clone()
+            .try_acquire_many_owned((CHUNK_SIZE / UNIT) as u32)
+            .ok()
+    }
+
     /// Holds a chunk just read from the origin (and inserted into the tiers) until the
     /// disk tier has it.
     pub fn hold(&self, key: K, value: V, room: OwnedSemaphorePermit) {

@@ -22,6 +22,7 @@ pub mod chunks;
 pub mod config;
 pub mod dirlock;
 pub mod error;
+pub mod fills;
 pub mod finisher;
 pub mod format;
 pub mod grpc;

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{BackoffConfig, GetOptions, GetRange, ObjectStore, RetryConfig};
 
 use crate::checksum;
-use crate::error::{Error, Result, error_chain, io_error_code};
+use crate::error::{Error, Result, classify, error_chain};
 
 /// Connection settings for an S3 origin beyond what `AWS_*` variables give.
 #[derive(Clone, Debug, Default)]
@@ -187,7 +187,7 @@ impl Origin {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| self.classify(name, e))?;
+            .map_err(|e| classify(&self.display, name, e))?;
         let mut files = Vec::with_capacity(objects.len());
         for meta in objects {
             let Some(rel) = meta.location.prefix_match(&prefix) else {
@@ -248,7 +248,7 @@ impl Origin {
                 tracing::warn!(origin = %self.display, "the origin holds an unusable key ({source}); listing folder by folder");
                 self.list_by_folder().await?
             }
-            Err(e) => return Err(self.classify("*", e)),
+            Err(e) => return Err(classify(&self.display, "*", e)),
         };
         let mut folders = BTreeSet::new();
         for meta in objects {
@@ -300,7 +300,7 @@ impl Origin {
                         "leaving out a folder that holds an unusable key: {source}"
                     );
                 }
-                Err(e) => return Err(self.classify("*", e)),
+                Err(e) => return Err(classify(&self.display, "*", e)),
             }
         }
         Ok(objects)
@@ -314,70 +314,20 @@ impl Origin {
         file: &OriginFile,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
-        let location = self.location(name, &file.path)?;
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(range.clone())),
-            ..Default::default()
-        };
-        // Once the model is listed, a failing ranged read is a transfer cut short (a dropped
-        // connection, a reset), not an unreachable origin; a refused signature stays denied.
-        let read_error = |e: object_store::Error| match e {
-            object_store::Error::NotFound { .. } => Error::OriginFileGone {
-                origin: self.display.clone(),
-                name: name.to_owned(),
-                path: file.path.clone(),
-            },
-            other => match self.classify(name, other) {
-                denied @ Error::OriginDenied { .. } => denied,
-                failed => Error::OriginReadFailed {
-                    origin: self.display.clone(),
-                    name: name.to_owned(),
-                    path: file.path.clone(),
-                    start: range.start,
-                    end: range.end,
-                    detail: match failed {
-                        Error::OriginUnavailable { detail, .. } | Error::Origin { detail, .. } => {
-                            detail
-                        }
-                        other => other.to_string(),
-                    },
-                },
-            },
-        };
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let result = self
-            .store
-            .get_opts(&location, options)
-            .await
-            .map_err(read_error)?;
-        // Compare like with like: a revision built from modification times (listings
-        // without ETags) is checked against the response's modification time.
-        let found = if file.etag.starts_with(MODIFIED_TAG) {
-            version_tag(None, result.meta.last_modified)
-        } else {
-            version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified)
-        };
-        let changed = |found: String| Error::OriginChanged {
-            origin: self.display.clone(),
-            name: name.to_owned(),
-            path: file.path.clone(),
-            expected: file.etag.clone(),
-            found,
-        };
-        let base = found;
-        let found = self.local_version(&location, base.clone());
-        if found != file.etag {
-            return Err(changed(found));
-        }
-        let bytes = result.bytes().await.map_err(read_error)?;
+        let (location, base, body) = self.open_range(name, file, range.clone()).await?;
+        let bytes = body
+            .try_fold(bytes::BytesMut::new(), |mut all, piece| async move {
+                all.extend_from_slice(&piece);
+                Ok(all)
+            })
+            .await?
+            .freeze();
         // A local file rewritten while it was read: its change time moved on.
         let after = self.local_version(&location, base);
         if after != file.etag {
-            return Err(changed(after));
+            return Err(self.changed(name, file, after));
         }
-        self.counters
-            .bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.count_bytes(bytes.len() as u64);
         if bytes.len() as u64 != range.end - range.start {
             return Err(Error::OriginTruncated {
                 origin: self.display.clone(),
@@ -389,6 +339,98 @@ impl Origin {
             });
         }
         Ok(bytes)
+    }
+
+    /// Opens `range` of one file: its bytes as they arrive, once the response showed that
+    /// they come from the listed version. The caller counts what it reads
+    /// (`count_bytes`) and checks that all of it came.
+    pub async fn read_stream(
+        &self,
+        name: &str,
+        file: &OriginFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+        Ok(self.open_range(name, file, range).await?.2)
+    }
+
+    /// Bytes read from the origin, for its counters.
+    pub fn count_bytes(&self, n: u64) {
+        self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A ranged GET, its version checked: the object's path, the version tag it answered
+    /// with (before a local origin's change time), and its body.
+    async fn open_range(
+        &self,
+        name: &str,
+        file: &OriginFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<(
+        Path,
+        String,
+        futures::stream::BoxStream<'static, Result<Bytes>>,
+    )> {
+        let location = self.location(name, &file.path)?;
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        // Once the model is listed, a failing ranged read is a transfer cut short (a dropped
+        // connection, a reset), not an unreachable origin; a refused signature stays denied.
+        let read_error = {
+            let (origin, name, path) = (self.display.clone(), name.to_owned(), file.path.clone());
+            move |e: object_store::Error| match e {
+                object_store::Error::NotFound { .. } => Error::OriginFileGone {
+                    origin: origin.clone(),
+                    name: name.clone(),
+                    path: path.clone(),
+                },
+                other => match classify(&origin, &name, other) {
+                    denied @ Error::OriginDenied { .. } => denied,
+                    failed => Error::OriginReadFailed {
+                        origin: origin.clone(),
+                        name: name.clone(),
+                        path: path.clone(),
+                        start: range.start,
+                        end: range.end,
+                        detail: match failed {
+                            Error::OriginUnavailable { detail, .. }
+                            | Error::Origin { detail, .. } => detail,
+                            other => other.to_string(),
+                        },
+                    },
+                },
+            }
+        };
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .store
+            .get_opts(&location, options)
+            .await
+            .map_err(read_error.clone())?;
+        // Compare like with like: a revision built from modification times (listings
+        // without ETags) is checked against the response's modification time.
+        let base = if file.etag.starts_with(MODIFIED_TAG) {
+            version_tag(None, result.meta.last_modified)
+        } else {
+            version_tag(result.meta.e_tag.as_deref(), result.meta.last_modified)
+        };
+        let found = self.local_version(&location, base.clone());
+        if found != file.etag {
+            return Err(self.changed(name, file, found));
+        }
+        let body = result.into_stream().map_err(read_error).boxed();
+        Ok((location, base, body))
+    }
+
+    fn changed(&self, name: &str, file: &OriginFile, found: String) -> Error {
+        Error::OriginChanged {
+            origin: self.display.clone(),
+            name: name.to_owned(),
+            path: file.path.clone(),
+            expected: file.etag.clone(),
+            found,
+        }
     }
 
     /// The checksum the origin publishes for `file` (see `checksum`): `None` when it
@@ -548,61 +590,6 @@ impl Origin {
                 );
                 false
             }
-        }
-    }
-
-    /// Turns an `object_store` error into one a caller can act on.
-    fn classify(&self, name: &str, err: object_store::Error) -> Error {
-        let origin = self.display.clone();
-        match err {
-            object_store::Error::NotFound { .. } => Error::ModelNotFound {
-                name: name.to_owned(),
-                origin,
-                hint: String::new(),
-            },
-            object_store::Error::PermissionDenied { source, .. }
-            | object_store::Error::Unauthenticated { source, .. } => Error::OriginDenied {
-                origin,
-                detail: source.to_string(),
-            },
-            object_store::Error::Generic { source, .. } => {
-                let detail = error_chain(source.as_ref());
-                let os_error = io_error_code(source.as_ref());
-                if os_error == Some(libc::ENAMETOOLONG) {
-                    return Error::ModelNotFound {
-                        name: name.to_owned(),
-                        origin,
-                        hint: "; a local origin cannot hold a name longer than 255 bytes".into(),
-                    };
-                }
-                if os_error == Some(libc::ELOOP) || detail.contains("File system loop found") {
-                    return Error::OriginSymlinkLoop {
-                        origin,
-                        name: name.to_owned(),
-                        detail,
-                    };
-                }
-                // List requests report a refused signature as a generic failure with the
-                // status in the text; S3 answers 403 (or 401) for bad credentials.
-                if detail.contains("403 Forbidden") || detail.contains("401 Unauthorized") {
-                    Error::OriginDenied { origin, detail }
-                } else {
-                    Error::OriginUnavailable {
-                        origin,
-                        name: name.to_owned(),
-                        detail,
-                    }
-                }
-            }
-            object_store::Error::InvalidPath { source } => Error::OriginUnusableKey {
-                origin,
-                name: name.to_owned(),
-                detail: source.to_string(),
-            },
-            other => Error::Origin {
-                origin,
-                detail: other.to_string(),
-            },
         }
     }
 }

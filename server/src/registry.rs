@@ -19,6 +19,7 @@ use crate::chunks::{ChunkRead, ChunkReader};
 use crate::config::Config;
 use crate::dirlock::DirLock;
 use crate::error::{Error, Result, quote};
+use crate::fills::{FillOptions, Fills};
 use crate::finisher::Finisher;
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
@@ -135,11 +136,27 @@ impl Registry {
         let stats = Arc::new(NodeStats::default());
         let background = Background::default();
         let origin = Arc::new(origin);
+        let originals = Arc::new(originals);
+        // Large reads for origins where a request costs latency; a local directory is read
+        // chunk by chunk.
+        let fills =
+            (!origin.is_local() && config.origin_part_size.as_u64() > CHUNK_SIZE).then(|| {
+                Arc::new(Fills::new(
+                    origin.clone(),
+                    originals.clone(),
+                    background.clone(),
+                    FillOptions {
+                        part_bytes: config.origin_part_size.as_u64(),
+                        max_requests: config.origin_max_requests,
+                    },
+                ))
+            });
         let reader = Arc::new(ChunkReader::new(
             origin.clone(),
-            Arc::new(originals),
+            originals,
             Arc::new(built),
             config.origin_parallelism,
+            fills,
             stats.clone(),
         ));
         // A build quantizes on half the cores at most, so that serving keeps the rest.

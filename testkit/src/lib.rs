@@ -98,6 +98,28 @@ pub fn node_config(s3: &S3Server, cache_dir: &Path) -> Config {
     config
 }
 
+/// Checks that the `Range` headers of an object's GETs (`bytes=A-B`, as the tap records
+/// them) read each of its `size` bytes exactly once.
+pub fn assert_read_once(ranges: &[String], size: u64) {
+    let mut spans: Vec<(u64, u64)> = ranges
+        .iter()
+        .map(|r| {
+            let (a, b) = r
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .unwrap_or_else(|| panic!("not a byte range: {r:?}"));
+            (a.parse().unwrap(), b.parse::<u64>().unwrap() + 1)
+        })
+        .collect();
+    spans.sort();
+    let mut at = 0;
+    for (start, end) in &spans {
+        assert_eq!(*start, at, "bytes read twice or never: {spans:?}");
+        at = *end;
+    }
+    assert_eq!(at, size, "the reads stop short: {spans:?}");
+}
+
 /// A node's configuration against the local-directory origin `origin`, with small tiers.
 pub fn local_config(origin: &Path, cache_dir: &Path) -> Config {
     let mut config = Config::with_origin(&origin.display().to_string(), cache_dir);

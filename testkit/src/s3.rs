@@ -47,6 +47,8 @@ pub struct Tap {
     pub get_delay_ms: AtomicU64,
     /// Cut each object GET's body after this many bytes (0 = off).
     pub cut_after: AtomicU64,
+    /// With `cut_after`: cut only this many more GETs (0 = every one).
+    pub cut_times: AtomicU64,
     /// Flip one bit in the first bytes of the next this many object GET bodies (bytes
     /// damaged in transit, under an intact ETag).
     pub flip_next: AtomicU64,
@@ -263,7 +265,18 @@ async fn handle(
             return Ok(http::Response::builder().status(500).body(body).unwrap());
         }
     };
-    let cut = tap.cut_after.load(Ordering::SeqCst);
+    let mut cut = tap.cut_after.load(Ordering::SeqCst);
+    if cut > 0 && is_object_get && tap.cut_times.load(Ordering::SeqCst) > 0 {
+        let counted = tap
+            .cut_times
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match counted {
+            // The last one to cut: later GETs go through whole.
+            Ok(1) => tap.cut_after.store(0, Ordering::SeqCst),
+            Ok(_) => {}
+            Err(_) => cut = 0,
+        }
+    }
     let range = object_file
         .filter(|_| response.status().is_success())
         .and_then(|file| Some((file, body_range(response.headers())?)));

@@ -1,0 +1,284 @@
+//! Origin reads in large parts, cut into cache chunks as the bytes arrive.
+//!
+//! A request to the origin costs a first-byte latency (tens of milliseconds on S3, a third
+//! of a second on some gateways) whatever its length, so one ranged GET per 2 MiB chunk
+//! leaves most of a transfer waiting. A chunk that no tier holds is read as part of a run of
+//! missing chunks of its file, up to `part_bytes` long, in one GET; the body is cut into
+//! chunks as it arrives, and each chunk is digested, handed to whoever waits for it, and put
+//! into the tiers at once, so a cold fetch still streams through.
+//!
+//! Single-flight holds per chunk across parts: a chunk that a read in flight will deliver is
+//! awaited, never read twice (foyer's per-key single-flight cannot say that one read
+//! delivers many keys; the in-flight table here does). A body cut short is resumed from its
+//! first missing chunk with backoff; a chunk is only ever made of bytes of one response, of
+//! the listed version, and complete.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use modelcache_proto::{CHUNK_SIZE, chunk_count};
+use tokio::sync::Semaphore;
+
+use crate::cache::{ChunkCache, ChunkKey, ChunkValue};
+use crate::error::{Error, Result};
+use crate::origin::{Origin, OriginFile};
+use crate::tasks::Background;
+
+/// Rounds of a part that bring no new chunk before it fails.
+const MAX_STALLED_ROUNDS: u32 = 3;
+
+type Delivered = std::result::Result<ChunkValue, Arc<Error>>;
+type Slot = Shared<BoxFuture<'static, Delivered>>;
+
+/// How the origin is read.
+#[derive(Clone, Copy, Debug)]
+pub struct FillOptions {
+    /// Longest ranged GET, in bytes (a whole number of chunks, at least one).
+    pub part_bytes: u64,
+    /// Origin requests in flight on the whole node, at most.
+    pub max_requests: usize,
+}
+
+struct InFlight {
+    slot: Slot,
+    /// A reader waits for it through the tiers' single-flight, and puts it there itself.
+    claimed: bool,
+}
+
+pub struct Fills {
+    origin: Arc<Origin>,
+    cache: Arc<ChunkCache>,
+    background: Background,
+    part_chunks: u64,
+    requests: Arc<Semaphore>,
+    inflight: Mutex<HashMap<ChunkKey, InFlight>>,
+}
+
+/// One file's identity, for its chunk keys.
+#[derive(Clone)]
+pub struct FileRef {
+    pub name: String,
+    pub variant: String,
+    pub file: OriginFile,
+}
+
+impl FileRef {
+    fn key(&self, index: u64) -> ChunkKey {
+        let f = &self.file;
+        ChunkKey::new(&self.name, &self.variant, &f.path, f.size, &f.etag, index)
+    }
+
+    fn chunk_range(&self, index: u64) -> std::ops::Range<u64> {
+        let start = index * CHUNK_SIZE;
+        start..(start + CHUNK_SIZE).min(self.file.size)
+    }
+}
+
+impl Fills {
+    pub fn new(
+        origin: Arc<Origin>,
+        cache: Arc<ChunkCache>,
+        background: Background,
+        options: FillOptions,
+    ) -> Self {
+        Self {
+            origin,
+            cache,
+            background,
+            part_chunks: (options.part_bytes / CHUNK_SIZE).max(1),
+            requests: Arc::new(Semaphore::new(options.max_requests.max(1))),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Chunk `index` of `file`: awaited from the part read that delivers it, or read with
+    /// the run of missing chunks it starts. The caller puts it into the tiers (it reads
+    /// through `ChunkCache::get_or_read`).
+    pub async fn read(self: Arc<Self>, file: FileRef, index: u64) -> Result<ChunkValue> {
+        let key = file.key(index);
+        let slot = {
+            let mut inflight = self.table();
+            if let Some(entry) = inflight.get_mut(&key) {
+                entry.claimed = true;
+                entry.slot.clone()
+            } else if let Some(value) = self.cache.landed(&key) {
+                return Ok(value);
+            } else {
+                let (slot, start, senders) = self.plan(&mut inflight, &file, index);
+                let this = self.clone();
+                drop(self.background.spawn(async move {
+                    this.run(file, start, senders).await;
+                    Ok(())
+                }));
+                slot
+            }
+        };
+        slot.await.map_err(Error::Shared)
+    }
+
+    /// Registers the run of chunks around `index` that the next part reads: within the
+    /// aligned stretch of `part_chunks` that holds `index`, every chunk next to it that is
+    /// neither held nor in flight. Aligned parts keep reads that start at once (a
+    /// transfer reads several chunks ahead) from cutting one another into small GETs.
+    fn plan(
+        &self,
+        inflight: &mut HashMap<ChunkKey, InFlight>,
+        file: &FileRef,
+        index: u64,
+    ) -> (Slot, u64, Vec<oneshot::Sender<Delivered>>) {
+        let missing = |j: u64| {
+            let key = file.key(j);
+            !inflight.contains_key(&key) && !self.cache.holds(&key)
+        };
+        let base = index - index % self.part_chunks;
+        let limit = (base + self.part_chunks).min(chunk_count(file.file.size));
+        let mut start = index;
+        while start > base && missing(start - 1) {
+            start -= 1;
+        }
+        let mut end = index + 1;
+        while end < limit && missing(end) {
+            end += 1;
+        }
+        let mut senders = Vec::new();
+        let mut first = None;
+        for j in start..end {
+            let (tx, rx) = oneshot::channel();
+            let slot = rx
+                .map(|r| r.unwrap_or_else(|_| Err(Arc::new(Error::ShuttingDown))))
+                .boxed()
+                .shared();
+            if j == index {
+                first = Some(slot.clone());
+            }
+            inflight.insert(
+                file.key(j),
+                InFlight {
+                    slot,
+                    claimed: j == index,
+                },
+            );
+            senders.push(tx);
+        }
+        (
+            first.expect("a part holds the chunk it was started for"),
+            start,
+            senders,
+        )
+    }
+
+    /// Reads chunks `first..first + senders.len()` of `file`, resuming a body cut short
+    /// from its first missing chunk; delivers each chunk as it completes.
+    async fn run(&self, file: FileRef, first: u64, senders: Vec<oneshot::Sender<Delivered>>) {
+        let end = first + senders.len() as u64;
+        let mut senders = senders.into_iter();
+        let mut next = first;
+        let mut stalled = 0;
+        loop {
+            let before = next;
+            let outcome = self.read_part(&file, &mut next, end, &mut senders).await;
+            let error = match outcome {
+                Ok(()) if next == end => return,
+                Ok(()) => Error::OriginTruncated {
+                    origin: self.origin.display().to_owned(),
+                    name: file.name.clone(),
+                    path: file.file.path.clone(),
+                    start: file.chunk_range(next).start,
+                    end: file.chunk_range(end - 1).end,
+                    got: 0,
+                },
+                Err(e) => e,
+            };
+            let resumable = matches!(
+                error,
+                Error::OriginTruncated { .. }
+                    | Error::OriginReadFailed { .. }
+                    | Error::OriginUnavailable { .. }
+            );
+            stalled = if next > before { 0 } else { stalled + 1 };
+            if !resumable || stalled >= MAX_STALLED_ROUNDS {
+                let error = Arc::new(error);
+                for (j, tx) in (next..end).zip(senders.by_ref()) {
+                    self.table().remove(&file.key(j));
+                    let _ = tx.send(Err(error.clone()));
+                }
+                return;
+            }
+            tracing::debug!(
+                model = %file.name, path = %file.file.path, chunk = next,
+                "origin read cut short; resuming: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(100 << stalled)).await;
+        }
+    }
+
+    /// One GET of chunks `*next..end`; moves `next` past every chunk delivered.
+    async fn read_part(
+        &self,
+        file: &FileRef,
+        next: &mut u64,
+        end: u64,
+        senders: &mut impl Iterator<Item = oneshot::Sender<Delivered>>,
+    ) -> Result<()> {
+        let _request = self
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let range = file.chunk_range(*next).start..file.chunk_range(end - 1).end;
+        let mut body = self
+            .origin
+            .read_stream(&file.name, &file.file, range)
+            .await?;
+        let mut buf = BytesMut::new();
+        while let Some(piece) = body.next().await {
+            let mut piece: Bytes = piece?;
+            self.origin.count_bytes(piece.len() as u64);
+            while !piece.is_empty() && *next < end {
+                let want = file.chunk_range(*next).end - file.chunk_range(*next).start;
+                let take = (want as usize - buf.len()).min(piece.len());
+                let part = piece.split_to(take);
+                // A whole chunk in one piece is kept as it came, uncopied.
+                let chunk = if buf.is_empty() && take as u64 == want {
+                    part
+                } else {
+                    if buf.capacity() == 0 {
+                        buf.reserve(want as usize);
+                    }
+                    buf.extend_from_slice(&part);
+                    if (buf.len() as u64) < want {
+                        continue;
+                    }
+                    buf.split().freeze()
+                };
+                let tx = senders.next().expect("one sender per chunk");
+                self.deliver(file.key(*next), chunk, tx);
+                *next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a complete chunk to its waiters; one nobody claimed goes into the tiers here.
+    fn deliver(&self, key: ChunkKey, data: Bytes, tx: oneshot::Sender<Delivered>) {
+        let value = ChunkValue::new(data);
+        let mut inflight = self.table();
+        let claimed = inflight.remove(&key).is_some_and(|e| e.claimed);
+        if !claimed {
+            self.cache.offer(key, value.clone());
+            let _ = tx.send(Ok(value));
+        } else if let Err(Ok(value)) = tx.send(Ok(value)) {
+            // The reader that claimed it is gone.
+            self.cache.offer(key, value);
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, InFlight>> {
+        self.inflight.lock().expect("fills lock poisoned")
+    }
+}
