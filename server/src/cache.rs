@@ -355,6 +355,12 @@ impl ChunkCache {
         self.landing.get(key).is_some() || self.in_memory(key) || self.on_disk(key)
     }
 
+    /// Whether chunks read ahead of any reader can be taken in: at least half the room for
+    /// chunks on their way to the disk tier is free.
+    pub fn has_room_ahead(&self) -> bool {
+        self.landing.mostly_free()
+    }
+
     /// Puts a chunk read from the origin that no reader waits for (the rest of a large
     /// read) into the tiers without waiting: held until the disk tier has it when the
     /// landing budget has room, else inserted like any other entry.

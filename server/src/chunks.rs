@@ -139,6 +139,17 @@ impl ChunkReader {
                 continue;
             }
             self.stats.chunk_read(tier);
+            if let Some(fills) = &self.fills
+                && !record.built
+                && index % fills.part_chunks() == 0
+            {
+                let file_ref = FileRef {
+                    name: rev.name.clone(),
+                    variant: rev.variant.clone(),
+                    file: record.origin.clone(),
+                };
+                fills.read_ahead(&file_ref, index, self.parallelism as u64);
+            }
             let completed = rev.record_digest(file, index, value.digest);
             return Ok(ChunkRead {
                 value,

@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_ORIGIN_PART_SIZE", default_value = "16MiB")]
     pub origin_part_size: ByteSize,
 
+    /// Parts of a file read from the origin ahead of a transfer that reads it cold, beyond
+    /// the chunks the transfer reads ahead itself (`--origin-parallelism`).
+    #[arg(long, env = "CACHE_NODE_ORIGIN_PARTS_AHEAD", default_value_t = 2)]
+    pub origin_parts_ahead: u64,
+
     /// Origin GETs in flight on the whole node, at most (for origins that bill or throttle
     /// per request).
     #[arg(long, env = "CACHE_NODE_ORIGIN_MAX_REQUESTS", default_value_t = 64)]

@@ -14,6 +14,7 @@
 //! the listed version, and complete.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,21 +43,25 @@ pub struct FillOptions {
     pub part_bytes: u64,
     /// Origin requests in flight on the whole node, at most.
     pub max_requests: usize,
+    /// Parts of a file read ahead of a transfer that reads it cold, beyond the chunks the
+    /// transfer itself reads ahead.
+    pub parts_ahead: u64,
 }
 
-struct InFlight {
-    slot: Slot,
-    /// A reader waits for it through the tiers' single-flight, and puts it there itself.
-    claimed: bool,
-}
+/// First-byte latency above which parts grow (requests are slow to answer, so fewer,
+/// larger ones), and how much: ×2 above the first step, ×4 above the second.
+const SLOW_FIRST_BYTE: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(250)];
 
 pub struct Fills {
     origin: Arc<Origin>,
     cache: Arc<ChunkCache>,
     background: Background,
     part_chunks: u64,
+    parts_ahead: u64,
+    /// Recent first-byte latency of origin GETs, in microseconds (a moving average).
+    first_byte_us: std::sync::atomic::AtomicU64,
     requests: Arc<Semaphore>,
-    inflight: Mutex<HashMap<ChunkKey, InFlight>>,
+    inflight: Mutex<HashMap<ChunkKey, Slot>>,
 }
 
 /// One file's identity, for its chunk keys.
@@ -91,6 +96,8 @@ impl Fills {
             cache,
             background,
             part_chunks: (options.part_bytes / CHUNK_SIZE).max(1),
+            parts_ahead: options.parts_ahead,
+            first_byte_us: std::sync::atomic::AtomicU64::new(0),
             requests: Arc::new(Semaphore::new(options.max_requests.max(1))),
             inflight: Mutex::new(HashMap::new()),
         }
@@ -103,22 +110,65 @@ impl Fills {
         let key = file.key(index);
         let slot = {
             let mut inflight = self.table();
-            if let Some(entry) = inflight.get_mut(&key) {
-                entry.claimed = true;
-                entry.slot.clone()
+            if let Some(slot) = inflight.get(&key) {
+                slot.clone()
             } else if let Some(value) = self.cache.landed(&key) {
                 return Ok(value);
             } else {
                 let (slot, start, senders) = self.plan(&mut inflight, &file, index);
-                let this = self.clone();
-                drop(self.background.spawn(async move {
-                    this.run(file, start, senders).await;
-                    Ok(())
-                }));
-                slot
+                self.start(file, start, senders);
+                slot.expect("a part holds the chunk it was planned for")
             }
         };
         slot.await.map_err(Error::Shared)
+    }
+
+    /// Chunks per part now: `--origin-part-size`, larger while the origin is slow to
+    /// answer requests.
+    pub fn part_chunks(&self) -> u64 {
+        let first_byte = Duration::from_micros(self.first_byte_us.load(Ordering::Relaxed));
+        let factor = 1 << SLOW_FIRST_BYTE.iter().filter(|&&d| first_byte > d).count();
+        self.part_chunks * factor
+    }
+
+    /// A transfer reached chunk `index` of `file` (at a part boundary): keep the parts after
+    /// the ones it reads ahead itself in flight, so that the origin's latency is hidden.
+    pub fn read_ahead(self: &Arc<Self>, file: &FileRef, index: u64, transfer_ahead: u64) {
+        // Bytes read ahead of every reader must reach the disk tier before they can be
+        // evicted, or they would be read again.
+        if !self.cache.has_room_ahead() {
+            return;
+        }
+        let part = self.part_chunks();
+        let chunks = chunk_count(file.file.size);
+        let first = index + transfer_ahead.max(1);
+        for k in 0..self.parts_ahead {
+            let j = first + k * part;
+            if j >= chunks {
+                break;
+            }
+            let mut inflight = self.table();
+            let key = file.key(j);
+            if inflight.contains_key(&key) || self.cache.holds(&key) {
+                continue;
+            }
+            let (_, start, senders) = self.plan(&mut inflight, file, j);
+            drop(inflight);
+            self.start(file.clone(), start, senders);
+        }
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        file: FileRef,
+        start: u64,
+        senders: Vec<oneshot::Sender<Delivered>>,
+    ) {
+        let this = self.clone();
+        drop(self.background.spawn(async move {
+            this.run(file, start, senders).await;
+            Ok(())
+        }));
     }
 
     /// Registers the run of chunks around `index` that the next part reads: within the
@@ -127,16 +177,17 @@ impl Fills {
     /// transfer reads several chunks ahead) from cutting one another into small GETs.
     fn plan(
         &self,
-        inflight: &mut HashMap<ChunkKey, InFlight>,
+        inflight: &mut HashMap<ChunkKey, Slot>,
         file: &FileRef,
         index: u64,
-    ) -> (Slot, u64, Vec<oneshot::Sender<Delivered>>) {
+    ) -> (Option<Slot>, u64, Vec<oneshot::Sender<Delivered>>) {
         let missing = |j: u64| {
             let key = file.key(j);
             !inflight.contains_key(&key) && !self.cache.holds(&key)
         };
-        let base = index - index % self.part_chunks;
-        let limit = (base + self.part_chunks).min(chunk_count(file.file.size));
+        let part = self.part_chunks();
+        let base = index - index % part;
+        let limit = (base + part).min(chunk_count(file.file.size));
         let mut start = index;
         while start > base && missing(start - 1) {
             start -= 1;
@@ -156,20 +207,10 @@ impl Fills {
             if j == index {
                 first = Some(slot.clone());
             }
-            inflight.insert(
-                file.key(j),
-                InFlight {
-                    slot,
-                    claimed: j == index,
-                },
-            );
+            inflight.insert(file.key(j), slot);
             senders.push(tx);
         }
-        (
-            first.expect("a part holds the chunk it was started for"),
-            start,
-            senders,
-        )
+        (first, start, senders)
     }
 
     /// Reads chunks `first..first + senders.len()` of `file`, resuming a body cut short
@@ -231,13 +272,18 @@ impl Fills {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let range = file.chunk_range(*next).start..file.chunk_range(end - 1).end;
+        let asked = std::time::Instant::now();
         let mut body = self
             .origin
             .read_stream(&file.name, &file.file, range)
             .await?;
         let mut buf = BytesMut::new();
+        let mut first_byte = true;
         while let Some(piece) = body.next().await {
             let mut piece: Bytes = piece?;
+            if std::mem::take(&mut first_byte) {
+                self.first_byte(asked.elapsed());
+            }
             self.origin.count_bytes(piece.len() as u64);
             while !piece.is_empty() && *next < end {
                 let want = file.chunk_range(*next).end - file.chunk_range(*next).start;
@@ -264,21 +310,32 @@ impl Fills {
         Ok(())
     }
 
-    /// Hands a complete chunk to its waiters; one nobody claimed goes into the tiers here.
+    /// Puts a complete chunk into the tiers and hands it to its waiters. It goes into the
+    /// tiers before it leaves the in-flight table, so that no planner in between takes it
+    /// for missing (a waiter's own insert then finds it there and does not write it again).
     fn deliver(&self, key: ChunkKey, data: Bytes, tx: oneshot::Sender<Delivered>) {
         let value = ChunkValue::new(data);
         let mut inflight = self.table();
-        let claimed = inflight.remove(&key).is_some_and(|e| e.claimed);
-        if !claimed {
-            self.cache.offer(key, value.clone());
-            let _ = tx.send(Ok(value));
-        } else if let Err(Ok(value)) = tx.send(Ok(value)) {
-            // The reader that claimed it is gone.
-            self.cache.offer(key, value);
-        }
+        self.cache.offer(key, value.clone());
+        inflight.remove(&key);
+        let _ = tx.send(Ok(value));
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, InFlight>> {
+    /// Folds one GET's first-byte latency into the moving average (weight 1/4).
+    fn first_byte(&self, latency: Duration) {
+        let sample = latency.as_micros() as u64;
+        let _ = self
+            .first_byte_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == 0 {
+                    sample
+                } else {
+                    (3 * avg + sample) / 4
+                })
+            });
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, Slot>> {
         self.inflight.lock().expect("fills lock poisoned")
     }
 }

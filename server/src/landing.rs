@@ -74,6 +74,11 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
             .expect("the landing budget is never closed")
     }
 
+    /// Whether at least half the budget is free.
+    pub fn mostly_free(&self) -> bool {
+        self.room.available_permits() as u64 * UNIT >= LANDING_BUDGET / 2
+    }
+
     /// Room for one chunk if the budget has it now.
     pub fn try_room(&self) -> Option<OwnedSemaphorePermit> {
         self.room

@@ -148,6 +148,7 @@ impl Registry {
                     FillOptions {
                         part_bytes: config.origin_part_size.as_u64(),
                         max_requests: config.origin_max_requests,
+                        parts_ahead: config.origin_parts_ahead,
                     },
                 ))
             });

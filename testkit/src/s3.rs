@@ -49,6 +49,9 @@ pub struct Tap {
     pub cut_after: AtomicU64,
     /// With `cut_after`: cut only this many more GETs (0 = every one).
     pub cut_times: AtomicU64,
+    /// Send each object GET's body at most this many bytes per second (0 = no cap): the
+    /// per-connection throughput of a remote object store.
+    pub bytes_per_sec: AtomicU64,
     /// Flip one bit in the first bytes of the next this many object GET bodies (bytes
     /// damaged in transit, under an intact ETag).
     pub flip_next: AtomicU64,
@@ -290,6 +293,16 @@ async fn handle(
             tap: tap.clone(),
             counted: is_object_get,
             remaining: (is_object_get && cut > 0).then_some(cut),
+            pace: match tap.bytes_per_sec.load(Ordering::SeqCst) {
+                0 => None,
+                rate if is_object_get => Some(Pace {
+                    rate,
+                    start: tokio::time::Instant::now(),
+                    sent: 0,
+                    wait: None,
+                }),
+                _ => None,
+            },
             flip: is_object_get
                 && tap
                     .flip_next
@@ -308,6 +321,15 @@ struct TapBody {
     remaining: Option<u64>,
     /// Flip a bit of the next data frame's first byte.
     flip: bool,
+    pace: Option<Pace>,
+}
+
+/// A body's throughput cap: the next frame waits until the bytes sent fit the rate.
+struct Pace {
+    rate: u64,
+    start: tokio::time::Instant,
+    sent: u64,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body for TapBody {
@@ -320,6 +342,10 @@ impl Body for TapBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == Some(0) {
             return Poll::Ready(Some(Err("connection cut by the test".into())));
+        }
+        if let Some(wait) = self.pace.as_mut().and_then(|p| p.wait.as_mut()) {
+            std::task::ready!(wait.as_mut().poll(cx));
+            self.pace.as_mut().expect("pacing").wait = None;
         }
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
@@ -338,6 +364,13 @@ impl Body for TapBody {
             let mut damaged = data.to_vec();
             damaged[0] ^= 0x10;
             data = Bytes::from(damaged);
+        }
+        if let Some(pace) = self.pace.as_mut() {
+            pace.sent += data.len() as u64;
+            let due = pace.start + Duration::from_secs_f64(pace.sent as f64 / pace.rate as f64);
+            if due > tokio::time::Instant::now() {
+                pace.wait = Some(Box::pin(tokio::time::sleep_until(due)));
+            }
         }
         if self.counted {
             self.tap

@@ -23,7 +23,8 @@ const BEST_OF: usize = 3;
 /// Groups of scenarios `--only` selects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Group {
-    /// T4, T5: cold fetches against the direct ranged GET, s5cmd and aws s3 cp.
+    /// C1–C4 (and T4): cold fetches on three origin profiles against s5cmd and the direct
+    /// ranged GET, and the node's CPU per GiB.
     Cold,
     /// T1, T2, T3, T8: warm fetches against nginx and curl.
     Warm,
@@ -62,6 +63,10 @@ struct Opts {
     /// Where s5cmd and aws are.
     #[arg(long, default_value = "target/bench-venv/bin")]
     venv_bin: PathBuf,
+    /// More flags for the nodes of the cold rows (repeat it), e.g.
+    /// `--node-arg=--origin-part-size=32MiB`.
+    #[arg(long, allow_hyphen_values = true)]
+    node_arg: Vec<String>,
     /// The Python with onnxruntime.
     #[arg(long, default_value = "target/py-venv/bin/python")]
     python: PathBuf,
@@ -173,23 +178,137 @@ impl Data {
 }
 
 /// T4, T5: a cold `cache-agent prefetch` against the direct ranged GET, s5cmd and aws.
+/// How an origin behaves, set on the S3 server's tap for the cold rows.
+struct Profile {
+    id: &'static str,
+    name: &'static str,
+    /// Added before every request is answered (a gateway's cost per request).
+    request_ms: u64,
+    /// Added before each object GET's first byte.
+    first_byte_ms: u64,
+    /// Each GET's body at most this fast (0: as fast as loopback goes).
+    bytes_per_sec: u64,
+    /// Cold prefetch time / s5cmd's, at most.
+    target: f64,
+}
+
+const PROFILES: [Profile; 3] = [
+    Profile {
+        id: "C1",
+        name: "loopback",
+        request_ms: 0,
+        first_byte_ms: 0,
+        bytes_per_sec: 0,
+        target: 1.5,
+    },
+    Profile {
+        id: "C2",
+        name: "cloud-like (30 ms first byte, 100 MB/s per connection)",
+        request_ms: 0,
+        first_byte_ms: 30,
+        bytes_per_sec: 100_000_000,
+        target: 1.0,
+    },
+    Profile {
+        id: "C3",
+        name: "expensive requests (350 ms each)",
+        request_ms: 350,
+        first_byte_ms: 0,
+        bytes_per_sec: 0,
+        target: 1.0,
+    },
+];
+
+impl Profile {
+    fn apply(&self, s3: &S3Server) {
+        use std::sync::atomic::Ordering::SeqCst;
+        s3.tap.delay_all_ms.store(self.request_ms, SeqCst);
+        s3.tap.get_delay_ms.store(self.first_byte_ms, SeqCst);
+        s3.tap.bytes_per_sec.store(self.bytes_per_sec, SeqCst);
+    }
+}
+
+/// Cold fetches on three origin profiles, each beside `s5cmd cp` and the direct parallel
+/// ranged GET on the same profile; and where the CPU of a cold fetch goes.
 async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Result<()> {
-    // Cold: the node is empty for every modelcache run.
-    eprintln!("==> cold fetches (T4, T5)");
-    let mut node =
-        measure::NodeProcess::start(&opts.bin, s3, &opts.work.join("node-cold-1"), "2GiB")?;
+    let gib = data.size as f64 / (1u64 << 30) as f64;
+    for (n, profile) in PROFILES.iter().enumerate() {
+        eprintln!("==> cold fetches, {}", profile.name);
+        profile.apply(s3);
+        let result = cold_on(opts, s3, data, n).await;
+        PROFILES[0].apply(s3);
+        let run = result?;
+        let scenario = format!(
+            "agent prefetch, cold node, {}, {}",
+            data.single_label, profile.name
+        );
+        eprintln!(
+            "    {:.2} s: node {:.2} CPU-s/GiB, agent {:.2}, S3 server {:.2}; s5cmd {:.2} s; \
+             direct ranged GET {:.2} s (client + S3 server {:.2} CPU-s/GiB)",
+            run.agent.as_secs_f64(),
+            run.node_cpu.as_secs_f64() / gib,
+            run.agent_cpu.as_secs_f64() / gib,
+            run.server_cpu.as_secs_f64() / gib,
+            run.s5cmd.as_secs_f64(),
+            run.direct.as_secs_f64(),
+            run.direct_cpu.as_secs_f64() / gib,
+        );
+        table.push(Row::time(
+            profile.id,
+            &scenario,
+            run.agent,
+            "s5cmd cp",
+            run.s5cmd,
+            profile.target,
+        ));
+        if n == 0 {
+            table.push(Row::ratio(
+                "C4",
+                &format!(
+                    "node CPU-s per GiB, cold transfer path, loopback (agent {:.2}, direct \
+                     client + S3 server {:.2})",
+                    run.agent_cpu.as_secs_f64() / gib,
+                    run.direct_cpu.as_secs_f64() / gib
+                ),
+                run.node_cpu.as_secs_f64() / gib,
+                "1 CPU-s per GiB",
+                1.5,
+                false,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One profile's cold runs.
+struct ColdRun {
+    agent: Duration,
+    node_cpu: Duration,
+    agent_cpu: Duration,
+    server_cpu: Duration,
+    s5cmd: Duration,
+    direct: Duration,
+    direct_cpu: Duration,
+}
+
+async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<ColdRun> {
+    // Cold: an empty node for every profile; the background SHA-256 and origin checks
+    // are counted (they are part of what the node does for a cold fetch).
+    let mut node = measure::NodeProcess::start_with(
+        &opts.bin,
+        s3,
+        &opts.work.join(format!("node-cold-{n}")),
+        "2GiB",
+        &opts.node_arg,
+    )?;
     // CPU time is read inside the timed closures, after the page cache was dropped (which
     // costs this process CPU time of its own).
     let me = std::process::id();
     let cpu = || measure::cpu_time(me).unwrap_or_default();
-    let agent_cold = measure::timed(|| {
+    let dir = opts.work.join(format!("agent-cold-{n}"));
+    let (cpu_used, agent) = measure::timed(|| {
         let (node_before, (bench_before, children_before)) = (node.cpu_time()?, cpu());
-        measure::agent_prefetch(
-            &opts.bin,
-            &node.url,
-            &opts.work.join("agent-cold"),
-            "single",
-        )?;
+        measure::agent_prefetch(&opts.bin, &node.url, &dir, "single")?;
         let (bench, children) = cpu();
         Ok([
             node.cpu_time()? - node_before,
@@ -198,7 +317,9 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
         ])
     })?;
     node.stop()?;
-    let direct = measure::timed_async(async {
+    measure::check_sha(&dir.join("single/@original/model.bin"), &data.single_sha)?;
+    measure::remove(&dir);
+    let (direct_cpu, direct) = measure::timed_async(async {
         let before = cpu().0;
         measure::direct_ranged_get(
             s3,
@@ -210,20 +331,8 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
         Ok(cpu().0 - before)
     })
     .await?;
-    // Where the CPU went: two cores are shared by the S3 server (in this process), the
-    // node, the agent and the references.
-    let [node_cpu, agent_cpu, server_cpu] = agent_cold.0;
-    eprintln!(
-        "    CPU: cold prefetch {:.2} s wall: node {:.2} s, agent {:.2} s, S3 server {:.2} s; \
-         direct ranged GET {:.2} s wall: S3 server + client {:.2} s",
-        agent_cold.1.as_secs_f64(),
-        node_cpu.as_secs_f64(),
-        agent_cpu.as_secs_f64(),
-        server_cpu.as_secs_f64(),
-        direct.1.as_secs_f64(),
-        direct.0.as_secs_f64()
-    );
-    let s5cmd = measure::timed(|| {
+    measure::remove(&opts.work.join("direct.bin"));
+    let ((), s5cmd) = measure::timed(|| {
         measure::s5cmd_cp(
             &opts.venv_bin,
             s3,
@@ -231,43 +340,17 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
             &opts.work.join("s5cmd.bin"),
         )
     })?;
-    let awscli = measure::timed(|| {
-        measure::aws_cp(
-            &opts.venv_bin,
-            s3,
-            "single/model.bin",
-            &opts.work.join("aws.bin"),
-        )
-    })?;
-    table.push(Row::time(
-        "T4",
-        &format!("agent prefetch, cold node, {}", data.single_label),
-        agent_cold.1,
-        "direct parallel ranged GET",
-        direct.1,
-        1.25,
-    ));
-    table.push(Row::time(
-        "T5a",
-        &format!("agent prefetch, cold node, {}", data.single_label),
-        agent_cold.1,
-        "s5cmd cp",
-        s5cmd.1,
-        1.0,
-    ));
-    table.push(Row::time(
-        "T5b",
-        &format!("agent prefetch, cold node, {}", data.single_label),
-        agent_cold.1,
-        "aws s3 cp",
-        awscli.1,
-        0.5,
-    ));
-    measure::check_sha(
-        &opts.work.join("agent-cold/single/@original/model.bin"),
-        &data.single_sha,
-    )?;
-    Ok(())
+    measure::remove(&opts.work.join("s5cmd.bin"));
+    let [node_cpu, agent_cpu, server_cpu] = cpu_used;
+    Ok(ColdRun {
+        agent,
+        node_cpu,
+        agent_cpu,
+        server_cpu,
+        s5cmd,
+        direct,
+        direct_cpu,
+    })
 }
 
 /// T1, T2, T3 (warm node) and T8 (warm from the disk tier after a restart).

@@ -116,7 +116,18 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(bin: &Path, s3: &S3Server, cache_dir: &Path, memory: &str) -> Result<Self> {
-        let args = vec![
+        Self::start_with(bin, s3, cache_dir, memory, &[])
+    }
+
+    /// Like `start`, with more flags.
+    pub fn start_with(
+        bin: &Path,
+        s3: &S3Server,
+        cache_dir: &Path,
+        memory: &str,
+        extra: &[String],
+    ) -> Result<Self> {
+        let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--ready-file".into(),
@@ -145,6 +156,7 @@ impl NodeProcess {
             "--precompute".into(),
             "none".into(),
         ];
+        args.extend_from_slice(extra);
         let mut node = Self {
             child: None,
             log: Default::default(),
