@@ -85,7 +85,8 @@ async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
     let mut config = sandbox.node_config();
     config.origin_parallelism = 1;
     let node = TestNode::start(config).await;
-    s3.tap.get_delay_ms.store(120, Ordering::SeqCst);
+    // Slow enough that the first run can be caught in the middle.
+    s3.tap.bytes_per_sec.store(2_000_000, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("big/@original");
 
@@ -141,7 +142,7 @@ async fn killed_agent_resumes_and_final_path_never_shows_a_partial_model() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let served_before = node.stats().bytes_served;
-    s3.tap.get_delay_ms.store(10, Ordering::SeqCst);
+    s3.tap.bytes_per_sec.store(0, Ordering::SeqCst);
     let out = run_ok(agent_cmd(&node.url, dir.path()).args(["prefetch", "big"]));
     assert_eq!(out.trim(), link.display().to_string());
     let served_second = node.stats().bytes_served - served_before;
