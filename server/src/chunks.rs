@@ -141,7 +141,7 @@ impl ChunkReader {
             self.stats.chunk_read(tier);
             if let Some(fills) = &self.fills
                 && !record.built
-                && index % fills.part_chunks() == 0
+                && index.is_multiple_of(fills.part_chunks())
             {
                 let file_ref = FileRef {
                     name: rev.name.clone(),
