@@ -505,7 +505,7 @@ pub fn transform<R: Read + Seek, W: Write>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::Format;
     use std::io::Cursor;

@@ -409,4 +409,110 @@ mod tests {
         assert_eq!(err.path, "other.gguf");
         assert!(matches!(err.error, QuantError::NotFound(_)), "{err}");
     }
+
+    /// Each variant's bytes of small fixed models, pinned together with the quantizer
+    /// version: a variant's revision is derived from that version, so bytes that change
+    /// without a bump would give one revision two contents (docs/variants.md).
+    #[test]
+    fn variant_bytes_are_pinned_to_the_quantizer_version() {
+        const PINNED_FOR: &str = "modelcache-quant/1";
+        let pinned: &[(&str, &str)] = &[
+            (
+                "model.safetensors:fp16:model.safetensors",
+                "177ab76fdf0a6cc94397092ec10646578fcc2df96eb1b0730da49bec7c77e33c",
+            ),
+            (
+                "model.safetensors:bf16:model.safetensors",
+                "d7b3930738e86bac8b2d1b58a03f71e07994198a55e330f6b8f9fca7c30f3466",
+            ),
+            (
+                "model.safetensors:int8:model.safetensors",
+                "54a82227034023bda9f12da1d79281236b29a22d9f8725166a65cbae449d7945",
+            ),
+            (
+                "model.gguf:fp16:model.gguf",
+                "d0527a9bb094519d9456f61fbe8bf8f99d438bb6c5a7f5a097363722f1028b2b",
+            ),
+            (
+                "model.gguf:bf16:model.gguf",
+                "e68782b6ebd03063529c54bdb8ade0034a2ecfd2ff5b89d1a494d34421110b9b",
+            ),
+            (
+                "model.gguf:int8:model.gguf",
+                "316a8800b22f08a2523536fb75c76226c69f47f31658e4d463fef3afc95d1650",
+            ),
+            (
+                "model.gguf:int4:model.gguf",
+                "c8d5d1009c0171265bb181ced30c0239fd019050380108500459df5479811755",
+            ),
+            (
+                "model.gguf:q8_0:model.gguf",
+                "a8cd40381f966d3cc3fb6a66a76e2b42586854ec131fd83d0759115aeaeeb4a6",
+            ),
+            (
+                "model.gguf:q4_0:model.gguf",
+                "4982095f15f698d6c66b3fe17a0fafe758166f086201cfdaf1bc0948fc1b16ee",
+            ),
+            (
+                "model.onnx:fp16:model.onnx",
+                "90559f1b7282d033bdce5e7475a171308072a3f2a63d45f0434f03b8c0125031",
+            ),
+            (
+                "model.onnx:int8:model.onnx",
+                "6e08a5cf04d3a31422f4efb7ba95123eb3a3f094f48a94b6e58ed21607830428",
+            ),
+            (
+                "model.onnx:int4:model.onnx",
+                "4fdec4c04c1da3a6e11ac7c25a472591daba7418b1f2859e5bd05aaf2c6c7069",
+            ),
+        ];
+        let gguf = crate::gguf::tests::sample(&[(
+            "blk.0.ffn.weight",
+            &[64, 32],
+            (0..64 * 32)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect(),
+        )]);
+        let onnx = crate::onnx::tests::matmul_model(21, 64, 32);
+        let models: [(&str, Vec<u8>, &[Variant]); 3] = [
+            (
+                "model.safetensors",
+                safetensors(64, 32),
+                &[Variant::Fp16, Variant::Bf16, Variant::Int8],
+            ),
+            ("model.gguf", gguf, &Variant::ALL),
+            (
+                "model.onnx",
+                onnx.to_vec(),
+                &[Variant::Fp16, Variant::Int8, Variant::Int4],
+            ),
+        ];
+        let mut got = Vec::new();
+        for (name, bytes, variants) in models {
+            for &variant in variants {
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join(name), &bytes).unwrap();
+                let built = build_in(dir.path(), &[name], variant).unwrap();
+                for file in built.files {
+                    let data = match file.data {
+                        OutputData::Memory(b) => b.to_vec(),
+                        OutputData::File(p) => std::fs::read(p).unwrap(),
+                    };
+                    let digest = hex::encode(sha2::Sha256::digest(&data));
+                    got.push((format!("{name}:{variant}:{}", file.path), digest));
+                }
+            }
+        }
+        let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            crate::QUANTIZER_VERSION,
+            PINNED_FOR,
+            "QUANTIZER_VERSION changed: pin the digests below for it"
+        );
+        assert_eq!(
+            got, pinned,
+            "a variant's bytes changed while QUANTIZER_VERSION stayed {PINNED_FOR}: bump it \
+             (quant/src/lib.rs) and pin the new digests here"
+        );
+    }
 }

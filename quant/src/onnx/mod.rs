@@ -324,13 +324,13 @@ fn transform_model(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::Format;
     use crate::onnx_proto::OperatorSetIdProto;
     use graph::{attr_int, float_tensor, node};
 
-    fn matmul_model(opset: i64, k: usize, n: usize) -> Bytes {
+    pub(crate) fn matmul_model(opset: i64, k: usize, n: usize) -> Bytes {
         matmul_then(opset, k, n, &[])
     }
 
