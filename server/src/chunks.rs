@@ -148,7 +148,7 @@ impl ChunkReader {
                     variant: rev.variant.clone(),
                     file: record.origin.clone(),
                 };
-                fills.read_ahead(&file_ref, index, self.parallelism as u64);
+                fills.read_ahead(&file_ref, index);
             }
             let completed = rev.record_digest(file, index, value.digest);
             return Ok(ChunkRead {

@@ -60,9 +60,9 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_ORIGIN_PART_SIZE", default_value = "16MiB")]
     pub origin_part_size: ByteSize,
 
-    /// Parts of a file read from the origin ahead of a transfer that reads it cold, beyond
-    /// the chunks the transfer reads ahead itself (`--origin-parallelism`).
-    #[arg(long, env = "CACHE_NODE_ORIGIN_PARTS_AHEAD", default_value_t = 2)]
+    /// Parts of a file read from the origin ahead of the part a transfer that reads it
+    /// cold is in (while the room for chunks on their way to disk is half free).
+    #[arg(long, env = "CACHE_NODE_ORIGIN_PARTS_AHEAD", default_value_t = 3)]
     pub origin_parts_ahead: u64,
 
     /// Origin GETs in flight on the whole node, at most (for origins that bill or throttle

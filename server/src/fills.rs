@@ -14,7 +14,6 @@
 //! the listed version, and complete.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,8 +47,9 @@ pub struct FillOptions {
     pub parts_ahead: u64,
 }
 
-/// First-byte latency above which parts grow (requests are slow to answer, so fewer,
-/// larger ones), and how much: ×2 above the first step, ×4 above the second.
+/// Request latency above which parts grow (requests are slow to answer, so fewer, larger
+/// ones), and how much: ×2 above the first step, ×4 above the second. The origin measures
+/// it on every listing and GET, so the model's listing already sets the first part's size.
 const SLOW_FIRST_BYTE: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(250)];
 
 pub struct Fills {
@@ -58,8 +58,6 @@ pub struct Fills {
     background: Background,
     part_chunks: u64,
     parts_ahead: u64,
-    /// Recent first-byte latency of origin GETs, in microseconds (a moving average).
-    first_byte_us: std::sync::atomic::AtomicU64,
     requests: Arc<Semaphore>,
     inflight: Mutex<HashMap<ChunkKey, Slot>>,
 }
@@ -97,7 +95,6 @@ impl Fills {
             background,
             part_chunks: (options.part_bytes / CHUNK_SIZE).max(1),
             parts_ahead: options.parts_ahead,
-            first_byte_us: std::sync::atomic::AtomicU64::new(0),
             requests: Arc::new(Semaphore::new(options.max_requests.max(1))),
             inflight: Mutex::new(HashMap::new()),
         }
@@ -126,14 +123,15 @@ impl Fills {
     /// Chunks per part now: `--origin-part-size`, larger while the origin is slow to
     /// answer requests.
     pub fn part_chunks(&self) -> u64 {
-        let first_byte = Duration::from_micros(self.first_byte_us.load(Ordering::Relaxed));
+        let first_byte = self.origin.request_latency();
         let factor = 1 << SLOW_FIRST_BYTE.iter().filter(|&&d| first_byte > d).count();
         self.part_chunks * factor
     }
 
-    /// A transfer reached chunk `index` of `file` (at a part boundary): keep the parts after
-    /// the ones it reads ahead itself in flight, so that the origin's latency is hidden.
-    pub fn read_ahead(self: &Arc<Self>, file: &FileRef, index: u64, transfer_ahead: u64) {
+    /// A transfer reached chunk `index` of `file` (at a part boundary): keep the next
+    /// `parts_ahead` parts after the one holding it in flight, so that the origin's latency
+    /// is hidden behind the bytes of the parts before.
+    pub fn read_ahead(self: &Arc<Self>, file: &FileRef, index: u64) {
         // Bytes read ahead of every reader must reach the disk tier before they can be
         // evicted, or they would be read again.
         if !self.cache.has_room_ahead() {
@@ -141,9 +139,9 @@ impl Fills {
         }
         let part = self.part_chunks();
         let chunks = chunk_count(file.file.size);
-        let first = index + transfer_ahead.max(1);
-        for k in 0..self.parts_ahead {
-            let j = first + k * part;
+        let base = index - index % part;
+        for k in 1..=self.parts_ahead {
+            let j = base + k * part;
             if j >= chunks {
                 break;
             }
@@ -272,18 +270,13 @@ impl Fills {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let range = file.chunk_range(*next).start..file.chunk_range(end - 1).end;
-        let asked = std::time::Instant::now();
         let mut body = self
             .origin
             .read_stream(&file.name, &file.file, range)
             .await?;
         let mut buf = BytesMut::new();
-        let mut first_byte = true;
         while let Some(piece) = body.next().await {
             let mut piece: Bytes = piece?;
-            if std::mem::take(&mut first_byte) {
-                self.first_byte(asked.elapsed());
-            }
             self.origin.count_bytes(piece.len() as u64);
             while !piece.is_empty() && *next < end {
                 let want = file.chunk_range(*next).end - file.chunk_range(*next).start;
@@ -319,20 +312,6 @@ impl Fills {
         self.cache.offer(key, value.clone());
         inflight.remove(&key);
         let _ = tx.send(Ok(value));
-    }
-
-    /// Folds one GET's first-byte latency into the moving average (weight 1/4).
-    fn first_byte(&self, latency: Duration) {
-        let sample = latency.as_micros() as u64;
-        let _ = self
-            .first_byte_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
-                Some(if avg == 0 {
-                    sample
-                } else {
-                    (3 * avg + sample) / 4
-                })
-            });
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, Slot>> {

@@ -43,6 +43,9 @@ pub struct OriginFile {
 struct OriginCounters {
     requests: AtomicU64,
     bytes: AtomicU64,
+    /// How long the origin takes to start answering a request (a listing, or a GET's
+    /// headers), in microseconds: a moving average, weight 1/4.
+    latency_us: AtomicU64,
 }
 
 pub struct Origin {
@@ -182,12 +185,14 @@ impl Origin {
         let prefix = self.model_prefix(name);
         self.check_local_root(name)?;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let asked = std::time::Instant::now();
         let objects: Vec<_> = self
             .store
             .list(Some(&prefix))
             .try_collect()
             .await
             .map_err(|e| classify(&self.display, name, e))?;
+        self.observe_latency(asked.elapsed());
         let mut files = Vec::with_capacity(objects.len());
         for meta in objects {
             let Some(rel) = meta.location.prefix_match(&prefix) else {
@@ -353,6 +358,25 @@ impl Origin {
         Ok(self.open_range(name, file, range).await?.2)
     }
 
+    /// How long the origin has recently taken to start answering a request.
+    pub fn request_latency(&self) -> Duration {
+        Duration::from_micros(self.counters.latency_us.load(Ordering::Relaxed))
+    }
+
+    fn observe_latency(&self, latency: Duration) {
+        let sample = latency.as_micros() as u64;
+        let _ =
+            self.counters
+                .latency_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                    Some(if avg == 0 {
+                        sample
+                    } else {
+                        (3 * avg + sample) / 4
+                    })
+                });
+    }
+
     /// Bytes read from the origin, for its counters.
     pub fn count_bytes(&self, n: u64) {
         self.counters.bytes.fetch_add(n, Ordering::Relaxed);
@@ -403,11 +427,13 @@ impl Origin {
             }
         };
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let asked = std::time::Instant::now();
         let result = self
             .store
             .get_opts(&location, options)
             .await
             .map_err(read_error.clone())?;
+        self.observe_latency(asked.elapsed());
         // Compare like with like: a revision built from modification times (listings
         // without ETags) is checked against the response's modification time.
         let base = if file.etag.starts_with(MODIFIED_TAG) {
