@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision};
 use crate::tasks::Background;
 
+/// How long the finisher waits for a revision's open transfers to end before it hashes.
+const TRANSFERS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Finisher {
     reader: Arc<ChunkReader>,
     checks: Arc<OriginChecks>,
@@ -89,6 +92,9 @@ impl Finisher {
     }
 
     async fn finish(&self, rev: &Arc<Revision>) -> Result<()> {
+        // The SHA-256 pass waits for the transfers that completed the model to end, so
+        // that it does not take their cores at the end of a cold fetch.
+        rev.transfers_ended(TRANSFERS_GRACE).await;
         let _permit = self
             .permits
             .acquire()

@@ -93,6 +93,17 @@ pub struct Revision {
     /// When the origin last listed exactly this revision (saved, so that a restarted node
     /// trusts it for the rest of `--revalidate-after` without asking the origin).
     confirmed_at: Mutex<Option<SystemTime>>,
+    /// Transfers (`Fetch` streams) of this revision open right now.
+    transfers: tokio::sync::watch::Sender<usize>,
+}
+
+/// An open transfer of a revision; dropping it ends it.
+pub struct TransferGuard(std::sync::Arc<Revision>);
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        self.0.transfers.send_modify(|n| *n -= 1);
+    }
 }
 
 /// A variant's revision: a digest of the original revision, the variant and the
@@ -153,9 +164,22 @@ impl Revision {
             total_chunks,
             known_chunks: AtomicU64::new(0),
             confirmed_at: Mutex::new(None),
+            transfers: tokio::sync::watch::channel(0).0,
         };
         rev.recount();
         rev
+    }
+
+    /// Counts a transfer of this revision until the guard is dropped.
+    pub fn transfer(self: &std::sync::Arc<Self>) -> TransferGuard {
+        self.transfers.send_modify(|n| *n += 1);
+        TransferGuard(self.clone())
+    }
+
+    /// Waits until no transfer of this revision is open, or `limit` passed.
+    pub async fn transfers_ended(&self, limit: Duration) {
+        let mut open = self.transfers.subscribe();
+        let _ = tokio::time::timeout(limit, open.wait_for(|n| *n == 0)).await;
     }
 
     fn recount(&self) {

@@ -336,6 +336,11 @@ impl Registry {
             self.read_ahead.clone(),
             read_chunk,
         );
+        // Open until the client's stream is dropped: the finisher waits for it.
+        let guard = resolved.revision.transfer();
+        let chunks = chunks.inspect(move |_| {
+            let _ = &guard;
+        });
         let items = if request.with_checks {
             let finisher = self.finisher.clone();
             let forget = resolved.revision.clone();
