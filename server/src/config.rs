@@ -65,6 +65,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_ORIGIN_PARTS_AHEAD", default_value_t = 3)]
     pub origin_parts_ahead: u64,
 
+    /// Bytes per second read from the origin by the whole node, at most (e.g. `200MiB`;
+    /// off unless given): for origins that bill or throttle bandwidth.
+    #[arg(long, env = "CACHE_NODE_ORIGIN_MAX_BANDWIDTH")]
+    pub origin_max_bandwidth: Option<ByteSize>,
+
     /// Origin GETs in flight on the whole node, at most (for origins that bill or throttle
     /// per request).
     #[arg(long, env = "CACHE_NODE_ORIGIN_MAX_REQUESTS", default_value_t = 64)]

@@ -149,6 +149,7 @@ impl Registry {
                         part_bytes: config.origin_part_size.as_u64(),
                         max_requests: config.origin_max_requests,
                         parts_ahead: config.origin_parts_ahead,
+                        max_bandwidth: config.origin_max_bandwidth.map(|b| b.as_u64()),
                     },
                 ))
             });
