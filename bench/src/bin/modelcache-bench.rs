@@ -262,6 +262,13 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
             profile.target,
         ));
         if n == 0 {
+            table.push(Row::report(
+                "C5",
+                "node CPU per GiB after a cold fetch, in the background (SHA-256 of the \
+                 file, chunks made sure to be on disk, manifest saved), loopback",
+                run.background.as_secs_f64() / gib,
+                "CPU-s/GiB",
+            ));
             table.push(Row::ratio(
                 "C4",
                 &format!(
@@ -284,6 +291,8 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
 struct ColdRun {
     agent: Duration,
     node_cpu: Duration,
+    /// The node's CPU after the transfer ended (SHA-256, persist, save).
+    background: Duration,
     agent_cpu: Duration,
     server_cpu: Duration,
     s5cmd: Duration,
@@ -316,6 +325,20 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
             bench - bench_before,
         ])
     })?;
+    // What the node does after the transfer (the file's SHA-256, making sure every chunk
+    // is on disk, saving the manifest): its CPU until it has been still for a second.
+    let background = {
+        let after = node.cpu_time()?;
+        let mut last = after;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = node.cpu_time()?;
+            if now - last < Duration::from_millis(20) {
+                break now - after;
+            }
+            last = now;
+        }
+    };
     node.stop()?;
     measure::check_sha(&dir.join("single/@original/model.bin"), &data.single_sha)?;
     measure::remove(&dir);
@@ -345,6 +368,7 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
     Ok(ColdRun {
         agent,
         node_cpu,
+        background,
         agent_cpu,
         server_cpu,
         s5cmd,

@@ -89,6 +89,20 @@ impl Row {
         }
     }
 
+    /// A figure reported beside the others, with no target of its own.
+    pub fn report(id: &'static str, scenario: &str, value: f64, unit: &str) -> Self {
+        Self {
+            id,
+            scenario: scenario.into(),
+            ours: format!("{value:.2} {unit}"),
+            reference: "—".into(),
+            theirs: "—".into(),
+            ratio: value,
+            target: "reported".into(),
+            met: true,
+        }
+    }
+
     pub fn memory(id: &'static str, scenario: &str, bytes: u64, limit: u64) -> Self {
         Self {
             id,
