@@ -271,11 +271,8 @@ impl ChunkCache {
     where
         F: Future<Output = Result<ChunkValue>> + Send + 'static,
     {
-        if let Some(value) = self.landing.get(&key) {
+        if let Some(value) = self.landed(&key) {
             return Ok((value, Tier::Memory));
-        }
-        if let Some(entry) = self.hybrid.memory().get(&key) {
-            return Ok((entry.value().clone(), Tier::Memory));
         }
         // The room this call's read took, if its read was the one that ran.
         let room = Arc::new(std::sync::Mutex::new(None));

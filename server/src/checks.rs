@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use crate::catalog::Catalog;
 use crate::checksum::{self, CheckOutcome, ChecksumPolicy, Hasher, OriginCheck};
 use crate::chunks::ChunkReader;
+use crate::error::Error;
 use crate::manifest::Revision;
 use crate::tasks::Background;
 
@@ -57,36 +58,81 @@ impl OriginChecks {
     /// when it could not be made this time (the origin did not answer); it is tried
     /// again by the next party that asks.
     pub async fn check(self: &Arc<Self>, rev: &Arc<Revision>, file: usize) -> CheckOutcome {
-        let record = &rev.files[file];
-        if !rev.is_original() || record.built {
-            return Ok(OriginCheck::Unchecked {
-                reason: "part of a variant built by this node; the original's files are \
-                         checked when read from the origin"
-                    .into(),
-            });
+        if let Some(check) = self.not_applicable(rev, file) {
+            return Ok(check);
         }
-        if self.policy == ChecksumPolicy::Off {
-            return Ok(OriginCheck::Unchecked {
-                reason: "origin checks are off on this node (--origin-checksums off)".into(),
-            });
+        let cell = &rev.files[file].origin_check;
+        cell.get_or_start(|| self.computation(rev, file)).await
+    }
+
+    /// Starts the origin check of file `file` of `rev` in the background, if it applies
+    /// and is not settled or running: a transfer does so at the file's first chunk, so
+    /// that the check follows the bytes and is ready soon after the last one.
+    pub fn begin(self: &Arc<Self>, rev: &Arc<Revision>, file: usize) {
+        if self.not_applicable(rev, file).is_none() {
+            let cell = &rev.files[file].origin_check;
+            cell.begin(|| self.computation(rev, file));
         }
-        let this = self.clone();
-        let rev = rev.clone();
-        record
-            .origin_check
-            .get_or_start(move || {
-                let background = this.background.clone();
-                let task = background.spawn(async move { Ok(this.compute(&rev, file).await) });
-                async move {
-                    match task.await {
-                        Ok(Ok(outcome)) => outcome,
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(e) => Err(format!("the check stopped: {e}")),
-                    }
-                }
-                .boxed()
-            })
-            .await
+    }
+
+    /// The result for a file no origin checksum can apply to.
+    fn not_applicable(&self, rev: &Revision, file: usize) -> Option<OriginCheck> {
+        let reason = if !rev.is_original() || rev.files[file].built {
+            "part of a variant built by this node; the original's files are checked when \
+             read from the origin"
+        } else if self.policy == ChecksumPolicy::Off {
+            "origin checks are off on this node (--origin-checksums off)"
+        } else if self.reader.origin().is_local() {
+            "a local-directory origin publishes no checksums"
+        } else {
+            return None;
+        };
+        Some(OriginCheck::Unchecked {
+            reason: reason.into(),
+        })
+    }
+
+    /// The check's computation, as a task of its own.
+    fn computation(
+        self: &Arc<Self>,
+        rev: &Arc<Revision>,
+        file: usize,
+    ) -> futures::future::BoxFuture<'static, CheckOutcome> {
+        let (this, rev) = (self.clone(), rev.clone());
+        let task = self
+            .background
+            .spawn(async move { Ok(this.compute(&rev, file).await) });
+        async move {
+            match task.await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("the check stopped: {e}")),
+            }
+        }
+        .boxed()
+    }
+
+    /// The error that ends a transfer after `check`, if it is a mismatch.
+    pub fn mismatch_error(
+        &self,
+        rev: &Revision,
+        file: usize,
+        check: &OriginCheck,
+    ) -> Option<Error> {
+        let OriginCheck::Mismatch {
+            algorithm,
+            expected,
+            found,
+        } = check
+        else {
+            return None;
+        };
+        Some(Error::OriginChecksumMismatch {
+            origin: self.reader.origin().display().to_owned(),
+            name: rev.name.clone(),
+            path: rev.files[file].origin.path.clone(),
+            detail: checksum::mismatch(algorithm.name(), expected, found),
+        })
     }
 
     async fn compute(&self, rev: &Arc<Revision>, file: usize) -> CheckOutcome {
@@ -183,9 +229,7 @@ impl OriginChecks {
     }
 
     fn nothing_published(&self) -> String {
-        if self.reader.origin().is_local() {
-            "a local-directory origin publishes no checksums".into()
-        } else if self.policy == ChecksumPolicy::Checksums {
+        if self.policy == ChecksumPolicy::Checksums {
             "the origin publishes no full-object checksum for it (MD5 ETags are not used: \
              --origin-checksums checksums)"
                 .into()
@@ -223,8 +267,6 @@ pub struct WithChecks<S> {
     /// Called once a mismatch is seen (the node forgets that it finished the revision).
     on_mismatch: Box<dyn Fn() + Send>,
     checks: Arc<OriginChecks>,
-    /// Checks started, by file, not yet due.
-    started: HashMap<usize, tokio::task::JoinHandle<OriginCheck>>,
     /// Checks due, in file order.
     due: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, (usize, OriginCheck)>>,
     /// Files before this one are complete (their checks are due or sent).
@@ -247,21 +289,11 @@ impl<S> WithChecks<S> {
             rev,
             on_mismatch,
             checks,
-            started: HashMap::new(),
             due: futures::stream::FuturesOrdered::new(),
             next_file: first,
             failed: None,
             done: false,
         }
-    }
-
-    fn start(&mut self, file: usize) {
-        if self.started.contains_key(&file) || self.rev.files[file].origin_check.settled().is_some()
-        {
-            return;
-        }
-        let check = self.check_future(file);
-        self.started.insert(file, tokio::spawn(check));
     }
 
     fn check_future(&self, file: usize) -> CheckFuture {
@@ -282,15 +314,7 @@ impl<S> WithChecks<S> {
     fn complete_until(&mut self, end: usize) {
         while self.next_file < end {
             let file = self.next_file;
-            let check = match self.started.remove(&file) {
-                Some(task) => async move {
-                    task.await.unwrap_or_else(|e| OriginCheck::Unchecked {
-                        reason: format!("the origin check stopped: {e}"),
-                    })
-                }
-                .boxed(),
-                None => self.check_future(file),
-            };
+            let check = self.check_future(file);
             self.due.push_back(check.map(move |c| (file, c)).boxed());
             self.next_file += 1;
         }
@@ -320,19 +344,8 @@ where
         }
         loop {
             if let Poll::Ready(Some((file, check))) = this.due.poll_next_unpin(cx) {
-                if let OriginCheck::Mismatch {
-                    algorithm,
-                    expected,
-                    found,
-                } = &check
-                {
-                    let record = &this.rev.files[file];
-                    this.failed = Some(crate::error::Error::OriginChecksumMismatch {
-                        origin: this.checks.reader.origin().display().to_owned(),
-                        name: this.rev.name.clone(),
-                        path: record.origin.path.clone(),
-                        detail: crate::checksum::mismatch(algorithm.name(), expected, found),
-                    });
+                if let Some(error) = this.checks.mismatch_error(&this.rev, file, &check) {
+                    this.failed = Some(error);
                     this.chunks = None;
                     (this.on_mismatch)();
                 }
@@ -350,7 +363,7 @@ where
                     let file = chunk.file();
                     let last = chunk.end() >= this.rev.files[file].origin.size;
                     this.complete_until(file);
-                    this.start(file);
+                    this.checks.begin(&this.rev, file);
                     if last {
                         this.complete_until(file + 1);
                     }

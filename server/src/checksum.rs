@@ -262,23 +262,19 @@ impl CheckCell {
         *self.slot() = CheckSlot::Settled(check);
     }
 
+    /// Starts the computation with `start` unless one runs or the check is settled; the
+    /// computation is a task of its own, so it goes on whoever awaits it.
+    pub fn begin(&self, start: impl FnOnce() -> futures::future::BoxFuture<'static, CheckOutcome>) {
+        self.running_or(start);
+    }
+
     /// The check, settled or awaited; `start` begins the computation when none runs.
     pub async fn get_or_start(
         &self,
         start: impl FnOnce() -> futures::future::BoxFuture<'static, CheckOutcome>,
     ) -> CheckOutcome {
-        use futures::FutureExt;
-        let running = {
-            let mut slot = self.slot();
-            match &*slot {
-                CheckSlot::Settled(check) => return Ok(check.clone()),
-                CheckSlot::Running(running) => running.clone(),
-                CheckSlot::NotStarted => {
-                    let running = start().shared();
-                    *slot = CheckSlot::Running(running.clone());
-                    running
-                }
-            }
+        let Some(running) = self.running_or(start) else {
+            return Ok(self.settled().expect("a check that runs not is settled"));
         };
         let outcome = running.await;
         let mut slot = self.slot();
@@ -289,6 +285,25 @@ impl CheckCell {
             };
         }
         outcome
+    }
+
+    /// The computation running (started with `start` if none was), or `None` when the
+    /// check is settled.
+    fn running_or(
+        &self,
+        start: impl FnOnce() -> futures::future::BoxFuture<'static, CheckOutcome>,
+    ) -> Option<Running> {
+        use futures::FutureExt;
+        let mut slot = self.slot();
+        match &*slot {
+            CheckSlot::Settled(_) => None,
+            CheckSlot::Running(running) => Some(running.clone()),
+            CheckSlot::NotStarted => {
+                let running = start().shared();
+                *slot = CheckSlot::Running(running.clone());
+                Some(running)
+            }
+        }
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, CheckSlot> {

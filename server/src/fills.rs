@@ -108,8 +108,7 @@ impl FileRef {
     }
 
     fn chunk_range(&self, index: u64) -> std::ops::Range<u64> {
-        let start = index * CHUNK_SIZE;
-        start..(start + CHUNK_SIZE).min(self.file.size)
+        crate::manifest::chunk_range(self.file.size, index)
     }
 }
 
@@ -255,13 +254,13 @@ impl Fills {
             let outcome = self.read_part(&file, &mut next, end, &mut senders).await;
             let error = match outcome {
                 Ok(()) if next == end => return,
-                Ok(()) => Error::OriginTruncated {
+                Ok(()) => Error::OriginReadFailed {
                     origin: self.origin.display().to_owned(),
                     name: file.name.clone(),
                     path: file.file.path.clone(),
                     start: file.chunk_range(next).start,
                     end: file.chunk_range(end - 1).end,
-                    got: 0,
+                    detail: "the response ended before all of these bytes came".into(),
                 },
                 Err(e) => e,
             };

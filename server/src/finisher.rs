@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use crate::checks::OriginChecks;
-use crate::checksum::OriginCheck;
 use crate::chunks::ChunkReader;
 use crate::error::{Error, Result};
 use crate::manifest::{ManifestStore, Revision};
@@ -112,23 +111,17 @@ impl Finisher {
     }
 
     async fn check(&self, rev: &Arc<Revision>, file: usize) -> Result<()> {
-        let record = &rev.files[file];
-        let origin = || self.reader.origin().display().to_owned();
         match self.checks.check(rev, file).await {
-            Ok(OriginCheck::Mismatch {
-                algorithm,
-                expected,
-                found,
-            }) => Err(Error::OriginChecksumMismatch {
-                origin: origin(),
-                name: rev.name.clone(),
-                path: record.origin.path.clone(),
-                detail: crate::checksum::mismatch(algorithm.name(), &expected, &found),
-            }),
-            Ok(_) => Ok(()),
+            Ok(check) => self
+                .checks
+                .mismatch_error(rev, file, &check)
+                .map_or(Ok(()), Err),
             Err(detail) => Err(Error::Origin {
-                origin: origin(),
-                detail: format!("checking {}/{}: {detail}", rev.name, record.origin.path),
+                origin: self.reader.origin().display().to_owned(),
+                detail: format!(
+                    "checking {}/{} against its checksum: {detail}",
+                    rev.name, rev.files[file].origin.path
+                ),
             }),
         }
     }

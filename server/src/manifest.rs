@@ -68,14 +68,19 @@ impl FileRecord {
     }
 
     pub fn chunk_range(&self, index: u64) -> std::ops::Range<u64> {
-        let start = index * CHUNK_SIZE;
-        start..(start + CHUNK_SIZE).min(self.origin.size)
+        chunk_range(self.origin.size, index)
     }
 
     /// Every chunk's digest, once all are known.
     pub fn all_digests(&self) -> Option<Vec<[u8; 32]>> {
         self.digests.iter().map(|d| d.get().copied()).collect()
     }
+}
+
+/// The bytes of chunk `index` of a file of `size` bytes.
+pub fn chunk_range(size: u64, index: u64) -> std::ops::Range<u64> {
+    let start = index * CHUNK_SIZE;
+    start..(start + CHUNK_SIZE).min(size)
 }
 
 pub struct Revision {

@@ -139,6 +139,17 @@ async fn serve(node: HostileNode) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// A prefetch of `victim` from the node at `addr` into a fresh directory, which must fail.
+async fn prefetch_victim(addr: SocketAddr) -> (tempfile::TempDir, AgentError) {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
+    let err = agent
+        .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
+        .await
+        .unwrap_err();
+    (dir, err)
+}
+
 /// Everything below `root`, relative.
 fn tree(root: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -220,12 +231,7 @@ async fn chunks_failing_their_digest_are_never_published() {
         checks: Checks::Absent,
     };
     let (addr, task) = serve(node).await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
-    let err = agent
-        .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
-        .await
-        .unwrap_err();
+    let (dir, err) = prefetch_victim(addr).await;
     assert!(matches!(err, AgentError::Integrity { .. }), "{err:?}");
     assert!(!dir.path().join("victim/@original").exists());
     task.abort();
@@ -246,12 +252,7 @@ async fn files_are_published_only_after_their_origin_check() {
             checks,
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let agent = cache_agent::Agent::new(vec![format!("http://{addr}")], dir.path());
-        let err = agent
-            .prefetch(&Reference::parse("victim").unwrap(), &Progress::hidden())
-            .await
-            .unwrap_err();
+        let (dir, err) = prefetch_victim(addr).await;
         assert!(err.to_string().contains(expected), "{err}");
         assert!(
             tree(dir.path()).iter().all(|p| !p.contains("@original")),
