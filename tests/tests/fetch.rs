@@ -475,3 +475,44 @@ async fn large_origin_reads_are_cut_into_chunks_and_resumed_when_cut_short() {
     assert_same_files(&fetched.path, &files);
     s3.tap.cut_after.store(0, Ordering::SeqCst);
 }
+
+/// A cold 512 MiB file costs the origin a few dozen requests in all (counted at the S3
+/// server: the listing, any HEAD, every ranged GET), each byte is read once, and the copy
+/// is byte-identical. Where each request is slow to answer, the node reads fewer, larger
+/// parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_512_mib_file_costs_the_origin_a_few_dozen_requests() {
+    let sandbox = Sandbox::start().await;
+    let s3 = &sandbox.s3;
+    let size = 512 * MIB;
+    let files: ModelFiles = vec![("model.bin".into(), data(51, size))];
+    sandbox.seed("large", &files).await;
+    let mut config = sandbox.node_config();
+    config.disk_capacity = bytesize::ByteSize::mib(1536);
+    let node = TestNode::start(config).await;
+    s3.tap.reset();
+    let (_dir, fetched) = node.prefetch_fresh("large").await;
+    assert_same_files(&fetched.path, &files);
+    node.idle().await;
+    let ranges = s3.tap.gets()["models/large/model.bin"].clone();
+    assert_read_once(&ranges, size as u64);
+    let requests = s3.tap.requests.load(Ordering::SeqCst);
+    eprintln!("loopback: {requests} requests, {} GETs", ranges.len());
+    // 16 MiB parts: 32 GETs, and the listing.
+    assert!(requests <= 40, "{requests} requests: {ranges:?}");
+
+    // The same size behind an origin that takes 300 ms to answer each GET: 64 MiB parts
+    // once the node has seen how slow its requests are.
+    let files: ModelFiles = vec![("model.bin".into(), data(52, size))];
+    sandbox.seed("slow", &files).await;
+    s3.tap.reset();
+    s3.tap.get_delay_ms.store(300, Ordering::SeqCst);
+    let (_dir, fetched) = node.prefetch_fresh("slow").await;
+    s3.tap.get_delay_ms.store(0, Ordering::SeqCst);
+    assert_same_files(&fetched.path, &files);
+    node.idle().await;
+    let ranges = s3.tap.gets()["models/slow/model.bin"].clone();
+    assert_read_once(&ranges, size as u64);
+    eprintln!("300 ms per GET: {} GETs", ranges.len());
+    assert!(ranges.len() <= 16, "{} GETs: {ranges:?}", ranges.len());
+}
