@@ -586,6 +586,36 @@ async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
         true,
     ));
 
+    // T9i: the same comparison in instructions (callgrind, one core), which do not swing
+    // with the machine's load: ours inside `model::build` (read, decode, quantize, encode;
+    // the source's SHA-256 runs on a thread of its own and is not counted), onnxruntime's
+    // inside the `quantize_dynamic` call (load, quantize, save).
+    let quantize = opts.bin.join("modelcache-quantize");
+    let mut ours_cmd = std::process::Command::new(&quantize);
+    ours_cmd
+        .arg("int8")
+        .arg(&model_path)
+        .arg(dir.join("ours-int8-cg.onnx"));
+    let ours_ir =
+        measure::callgrind_instructions(&ours_cmd, Some("modelcache_quant::model::build"))?;
+    let ort_ir = measure::ort_quantize_instructions(
+        &opts.python,
+        &model_path,
+        &dir.join("ort-int8-cg.onnx"),
+    )?;
+    table.push(Row::ratio(
+        "T9i",
+        "ONNX int8 of the ResNet-50 sample: instructions (callgrind, one core)",
+        ort_ir as f64 / ours_ir as f64,
+        &format!(
+            "onnxruntime quantize_dynamic: {:.0}M instructions vs ours {:.0}M",
+            ort_ir as f64 / 1e6,
+            ours_ir as f64 / 1e6
+        ),
+        20.0,
+        true,
+    ));
+
     // T10: cold prefetch of the int8 variant against a cold prefetch of the original, a
     // fresh node for each; the two alternate, and each keeps its best of `BEST_OF` (half a
     // second each, so one run is mostly noise on a shared machine).
@@ -619,7 +649,6 @@ async fn variants(opts: &Opts, s3: &S3Server, table: &mut Table) -> Result<()> {
     ));
 
     // Quantizer memory, on modelcache-quantize (the node's transforms, streamed the same way).
-    let quantize = opts.bin.join("modelcache-quantize");
     let out = dir.join("out.onnx");
     let onnx_peak = measure::run_peak_rss(
         &quantize,

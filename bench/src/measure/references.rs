@@ -195,3 +195,59 @@ pub fn nginx_version() -> String {
         })
         .unwrap_or_default()
 }
+
+/// Instructions (valgrind's callgrind) of `cmd` run on one core, counted only inside the
+/// function `collect` and what it calls: instruction counts do not swing with the
+/// machine's load as times do.
+pub fn callgrind_instructions(cmd: &Command, collect: Option<&str>) -> Result<u64> {
+    let out_file = tempfile::NamedTempFile::new()?;
+    let mut valgrind = Command::new("taskset");
+    valgrind
+        .args(["-c", "0", "valgrind", "--tool=callgrind"])
+        .arg(format!(
+            "--callgrind-out-file={}",
+            out_file.path().display()
+        ));
+    match collect {
+        Some(function) => valgrind.arg(format!("--toggle-collect={function}")),
+        // The command switches counting on and off itself (callgrind_control).
+        None => valgrind.arg("--instr-atstart=no"),
+    };
+    valgrind.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => valgrind.env(k, v),
+            None => valgrind.env_remove(k),
+        };
+    }
+    let out = valgrind
+        .stdout(Stdio::null())
+        .output()
+        .context("running valgrind (Debian's valgrind package)")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "valgrind failed: {stderr}");
+    let collected = stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("Collected :")
+                .map(|(_, n)| n.trim().to_owned())
+        })
+        .context("callgrind printed no instruction count")?;
+    Ok(collected.parse()?)
+}
+
+/// Instructions of one `quantize_dynamic(..., per_channel=True)` call on `input`
+/// (interpreter start and imports not counted).
+pub fn ort_quantize_instructions(python: &Path, input: &Path, output: &Path) -> Result<u64> {
+    let script = r#"
+import os, subprocess, sys
+from onnxruntime.quantization import QuantType, quantize_dynamic
+pid = str(os.getpid())
+subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+quantize_dynamic(sys.argv[1], sys.argv[2], per_channel=True, weight_type=QuantType.QInt8)
+subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+"#;
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", script]).arg(input).arg(output);
+    callgrind_instructions(&cmd, None)
+}
