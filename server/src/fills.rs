@@ -17,13 +17,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use modelcache_proto::{CHUNK_SIZE, chunk_count};
 use tokio::sync::Semaphore;
 
+use crate::buffers::{ChunkBuffer, ChunkBuffers};
 use crate::cache::{ChunkCache, ChunkKey, ChunkValue};
 use crate::error::{Error, Result};
 use crate::origin::{Origin, OriginFile};
@@ -91,7 +92,11 @@ pub struct Fills {
     requests: Arc<Semaphore>,
     pacer: Option<Pacer>,
     inflight: Mutex<HashMap<ChunkKey, Slot>>,
+    buffers: Arc<ChunkBuffers>,
 }
+
+/// Idle chunk buffers kept for the next parts (32 MiB at most).
+const IDLE_BUFFERS: usize = 16;
 
 /// One file's identity, for its chunk keys.
 #[derive(Clone)]
@@ -128,6 +133,7 @@ impl Fills {
             requests: Arc::new(Semaphore::new(options.max_requests.max(1))),
             pacer: options.max_bandwidth.map(Pacer::new),
             inflight: Mutex::new(HashMap::new()),
+            buffers: ChunkBuffers::new(IDLE_BUFFERS),
         }
     }
 
@@ -305,7 +311,7 @@ impl Fills {
             .origin
             .read_stream(&file.name, &file.file, range)
             .await?;
-        let mut buf = BytesMut::new();
+        let mut buf: Option<ChunkBuffer> = None;
         while let Some(piece) = body.next().await {
             let mut piece: Bytes = piece?;
             if let Some(pacer) = &self.pacer {
@@ -314,20 +320,20 @@ impl Fills {
             self.origin.count_bytes(piece.len() as u64);
             while !piece.is_empty() && *next < end {
                 let want = file.chunk_range(*next).end - file.chunk_range(*next).start;
-                let take = (want as usize - buf.len()).min(piece.len());
+                let want = want as usize;
+                let have = buf.as_ref().map_or(0, ChunkBuffer::len);
+                let take = (want - have).min(piece.len());
                 let part = piece.split_to(take);
                 // A whole chunk in one piece is kept as it came, uncopied.
-                let chunk = if buf.is_empty() && take as u64 == want {
+                let chunk = if have == 0 && take == want {
                     part
                 } else {
-                    if buf.capacity() == 0 {
-                        buf.reserve(want as usize);
-                    }
-                    buf.extend_from_slice(&part);
-                    if (buf.len() as u64) < want {
+                    let filling = buf.get_or_insert_with(|| self.buffers.take(want));
+                    filling.extend_from_slice(&part);
+                    if filling.len() < want {
                         continue;
                     }
-                    buf.split().freeze()
+                    buf.take().expect("a chunk being filled").freeze()
                 };
                 let tx = senders.next().expect("one sender per chunk");
                 self.deliver(file.key(*next), chunk, tx);

@@ -14,6 +14,7 @@
 //! background and saves the `manifest` beside the disk tier. Background work belongs to
 //! one tracker (`tasks`) that shutdown cancels and awaits.
 
+pub mod buffers;
 pub mod cache;
 pub mod catalog;
 pub mod checks;
