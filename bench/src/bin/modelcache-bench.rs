@@ -67,6 +67,10 @@ struct Opts {
     /// `--node-arg=--origin-part-size=32MiB`.
     #[arg(long, allow_hyphen_values = true)]
     node_arg: Vec<String>,
+    /// The memory tier of the nodes of the cold rows: smaller than the model, every chunk
+    /// read evicts an older one, as on a busy node.
+    #[arg(long, default_value = "2GiB")]
+    cold_memory: String,
     /// The Python with onnxruntime.
     #[arg(long, default_value = "target/py-venv/bin/python")]
     python: PathBuf,
@@ -243,10 +247,12 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
             data.single_label, profile.name
         );
         eprintln!(
-            "    {:.2} s: node {:.2} CPU-s/GiB, agent {:.2}, S3 server {:.2}; s5cmd {:.2} s; \
-             direct ranged GET {:.2} s (client + S3 server {:.2} CPU-s/GiB)",
+            "    {:.2} s: node {:.2} CPU-s/GiB ({:.0} page faults/GiB), agent {:.2}, S3 \
+             server {:.2}; s5cmd {:.2} s; direct ranged GET {:.2} s (client + S3 server \
+             {:.2} CPU-s/GiB)",
             run.agent.as_secs_f64(),
             run.node_cpu.as_secs_f64() / gib,
+            run.node_faults as f64 / gib,
             run.agent_cpu.as_secs_f64() / gib,
             run.server_cpu.as_secs_f64() / gib,
             run.s5cmd.as_secs_f64(),
@@ -272,8 +278,9 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
             table.push(Row::ratio(
                 "C4",
                 &format!(
-                    "node CPU-s per GiB, cold transfer path, loopback (agent {:.2}, direct \
-                     client + S3 server {:.2})",
+                    "node CPU-s per GiB, cold transfer path, loopback ({:.0}k page faults \
+                     per GiB; agent {:.2}, direct client + S3 server {:.2})",
+                    run.node_faults as f64 / gib / 1000.0,
                     run.agent_cpu.as_secs_f64() / gib,
                     run.direct_cpu.as_secs_f64() / gib
                 ),
@@ -291,6 +298,8 @@ async fn cold(opts: &Opts, s3: &S3Server, data: &Data, table: &mut Table) -> Res
 struct ColdRun {
     agent: Duration,
     node_cpu: Duration,
+    /// The node's minor page faults in the same window.
+    node_faults: u64,
     /// The node's CPU after the transfer ended (SHA-256, persist, save).
     background: Duration,
     agent_cpu: Duration,
@@ -307,7 +316,7 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
         &opts.bin,
         s3,
         &opts.work.join(format!("node-cold-{n}")),
-        "2GiB",
+        &opts.cold_memory,
         &opts.node_arg,
     )?;
     // CPU time is read inside the timed closures, after the page cache was dropped (which
@@ -315,6 +324,7 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
     let me = std::process::id();
     let cpu = || measure::cpu_time(me).unwrap_or_default();
     let dir = opts.work.join(format!("agent-cold-{n}"));
+    let faults_before = node.minor_faults()?;
     let (cpu_used, agent) = measure::timed(|| {
         let (node_before, (bench_before, children_before)) = (node.cpu_time()?, cpu());
         measure::agent_prefetch(&opts.bin, &node.url, &dir, "single")?;
@@ -325,6 +335,7 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
             bench - bench_before,
         ])
     })?;
+    let node_faults = node.minor_faults()? - faults_before;
     // What the node does after the transfer (the file's SHA-256, making sure every chunk
     // is on disk, saving the manifest): its CPU until it has been still for a second.
     let background = {
@@ -368,6 +379,7 @@ async fn cold_on(opts: &Opts, s3: &S3Server, data: &Data, n: usize) -> Result<Co
     Ok(ColdRun {
         agent,
         node_cpu,
+        node_faults,
         background,
         agent_cpu,
         server_cpu,

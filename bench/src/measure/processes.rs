@@ -52,6 +52,18 @@ pub fn cpu_time(pid: u32) -> Option<(Duration, Duration)> {
     ))
 }
 
+/// Minor page faults of a running process so far (field 10 of `/proc/PID/stat`): each is
+/// a page of fresh memory touched for the first time.
+pub fn minor_faults(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(10 - 3)?
+        .parse()
+        .ok()
+}
+
 /// Peak RSS (VmHWM) of a running process, in bytes.
 pub fn peak_rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -209,6 +221,11 @@ impl NodeProcess {
     pub fn cpu_time(&self) -> Result<Duration> {
         let pid = self.child.as_ref().context("not running")?.id();
         Ok(cpu_time(pid).context("reading the node's CPU time")?.0)
+    }
+
+    pub fn minor_faults(&self) -> Result<u64> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        minor_faults(pid).context("reading the node's page faults")
     }
 
     pub fn peak_rss(&self) -> Result<u64> {
