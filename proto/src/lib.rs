@@ -1,11 +1,13 @@
 //! The `modelcache.v1` contract shared by the node and the agent: the gRPC API generated
 //! from `proto/modelcache/v1/cache.proto`, the reference syntax (`NAME[:VARIANT]`), the
-//! rules every receiver applies to file paths inside a model, and the HTTP/2 and message
-//! sizes both ends of a transfer use (`wire`).
+//! rules every receiver applies to file paths inside a model, the HTTP/2 and message
+//! sizes both ends of a transfer use (`wire`), and the ranking of a cluster's nodes for a
+//! model (`rank`: rendezvous hashing by node id, the same on nodes and agents).
 //!
 //! Other languages generate their own stubs from the same `.proto` file (see `docs/api.md`).
 
 pub mod parts;
+pub mod rank;
 pub mod reference;
 
 pub use reference::{Reference, ReferenceError, check_file_path, check_file_paths};
