@@ -34,16 +34,12 @@ where
     ranked.into_iter().map(|(_, id)| id).collect()
 }
 
-/// The owner of `model` among `ids` (`None` when there are none).
+/// The owner of `model` among `ids` (`None` when there are none): the first in rank.
 pub fn owner<'a, I>(model: &str, ids: I) -> Option<&'a str>
 where
     I: IntoIterator<Item = &'a str>,
 {
-    ids.into_iter().max_by(|a, b| {
-        weight(model, a)
-            .cmp(&weight(model, b))
-            .then_with(|| b.cmp(a))
-    })
+    rank(model, ids).into_iter().next()
 }
 
 #[cfg(test)]

@@ -173,20 +173,15 @@ impl<V: Floats + ?Sized> pulp::WithSimd for Channel<'_, V> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) -> f32 {
-        let Self {
-            values,
-            view,
-            index,
-            max,
-            data,
-            codes,
-        } = self;
-        data.clear();
-        for o in 0..view.outer {
-            values.read_finite(view.index(o, index, 0), view.inner, data);
+        let view = self.view;
+        // Every channel of a tensor has the same length: after the first, this neither
+        // grows nor fills the buffer, and the values overwrite it in place.
+        self.data.resize(view.outer * view.inner, 0.0);
+        for (o, run) in self.data.chunks_exact_mut(view.inner.max(1)).enumerate() {
+            self.values.read_finite(view.index(o, self.index, 0), run);
         }
-        let scale = best_scale(data, max);
-        codes_into(data, scale, max, codes);
+        let scale = best_scale(self.data, self.max);
+        codes_into(self.data, scale, self.max, self.codes);
         scale
     }
 }
@@ -257,8 +252,8 @@ fn threads() -> usize {
 pub trait Floats: Sync {
     /// How many values there are.
     fn count(&self) -> usize;
-    /// Appends values `start..start + n` to `out`, NaN and infinities as 0.
-    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>);
+    /// Writes values `start..start + out.len()` into `out`, NaN and infinities as 0.
+    fn read_finite(&self, start: usize, out: &mut [f32]);
 }
 
 impl Floats for [f32] {
@@ -267,10 +262,9 @@ impl Floats for [f32] {
     }
 
     #[inline(always)]
-    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>) {
-        let at = out.len();
-        out.resize(at + n, 0.0);
-        for (o, &v) in out[at..].iter_mut().zip(&self[start..start + n]) {
+    fn read_finite(&self, start: usize, out: &mut [f32]) {
+        let values = &self[start..start + out.len()];
+        for (o, &v) in out.iter_mut().zip(values) {
             *o = finite(v);
         }
     }
@@ -285,11 +279,9 @@ impl Floats for LeF32<'_> {
     }
 
     #[inline(always)]
-    fn read_finite(&self, start: usize, n: usize, out: &mut Vec<f32>) {
-        let at = out.len();
-        out.resize(at + n, 0.0);
-        let bytes = self.0[start * 4..(start + n) * 4].chunks_exact(4);
-        for (o, b) in out[at..].iter_mut().zip(bytes) {
+    fn read_finite(&self, start: usize, out: &mut [f32]) {
+        let bytes = self.0[start * 4..(start + out.len()) * 4].chunks_exact(4);
+        for (o, b) in out.iter_mut().zip(bytes) {
             *o = finite(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         }
     }
@@ -403,12 +395,13 @@ pub fn quantize_blocks_axis0(
     let mut out = vec![0i8; values.len()];
     let mut column = Vec::with_capacity(block);
     let mut q = Vec::new();
+    let arch = pulp::Arch::new();
     for b in 0..blocks {
         let (start, end) = (b * block, ((b + 1) * block).min(rows));
         for c in 0..cols {
             column.clear();
             column.extend((start..end).map(|r| values[r * cols + c]));
-            let scale = pulp::Arch::new().dispatch(Int4Block(&column));
+            let scale = arch.dispatch(Int4Block(&column));
             q.clear();
             if scale == 0.0 {
                 q.resize(column.len(), 0);
@@ -563,9 +556,9 @@ mod tests {
                 "axis {axis}"
             );
             for (c, &got) in scales.iter().enumerate() {
-                let mut data = Vec::new();
-                for o in 0..view.outer {
-                    values[..].read_finite(view.index(o, c, 0), view.inner, &mut data);
+                let mut data = vec![0f32; view.outer * view.inner];
+                for (o, run) in data.chunks_exact_mut(view.inner).enumerate() {
+                    values[..].read_finite(view.index(o, c, 0), run);
                 }
                 let scale = best_scale(&data, INT8_MAX);
                 assert_eq!(got, scale, "axis {axis} channel {c}");

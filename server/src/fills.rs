@@ -319,8 +319,8 @@ impl Fills {
             }
             self.origin.count_bytes(piece.len() as u64);
             while !piece.is_empty() && *next < end {
-                let want = file.chunk_range(*next).end - file.chunk_range(*next).start;
-                let want = want as usize;
+                let range = file.chunk_range(*next);
+                let want = (range.end - range.start) as usize;
                 let have = buf.as_ref().map_or(0, ChunkBuffer::len);
                 let take = (want - have).min(piece.len());
                 let part = piece.split_to(take);

@@ -31,37 +31,36 @@ pub fn agent_prefetch_spawn(bin: &Path, node: &str, dir: &Path, reference: &str)
     Ok(agent(bin, node, dir, reference).spawn()?)
 }
 
-/// CPU time (user + system) of a process, and of its children that were waited for.
-pub fn cpu_time(pid: u32) -> Option<(Duration, Duration)> {
+/// Field `i` of `/proc/PID/stat` (numbered from 1 as in proc(5)); the command name, field
+/// 2, is in parentheses and may hold spaces, so fields are counted after it.
+fn stat_fields(pid: u32) -> Option<impl Fn(usize) -> u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<u64> = stat
         .rsplit_once(')')?
         .1
         .split_whitespace()
         .map(|f| f.parse().unwrap_or(0))
         .collect();
-    // utime, stime, cutime, cstime are fields 14..=17 of stat; 3 is the first after ')'.
-    let ticks = |i: usize| fields.get(i - 3).copied().unwrap_or(0);
+    Some(move |i: usize| fields.get(i - 3).copied().unwrap_or(0))
+}
+
+/// CPU time (user + system) of a process, and of its children that were waited for.
+pub fn cpu_time(pid: u32) -> Option<(Duration, Duration)> {
+    let field = stat_fields(pid)?;
+    // utime, stime, cutime, cstime are fields 14..=17.
     let hz = 100.0; // USER_HZ, fixed at 100 on Linux
-    let own = (ticks(14) + ticks(15)) as f64 / hz;
-    let children = (ticks(16) + ticks(17)) as f64 / hz;
+    let own = (field(14) + field(15)) as f64 / hz;
+    let children = (field(16) + field(17)) as f64 / hz;
     Some((
         Duration::from_secs_f64(own),
         Duration::from_secs_f64(children),
     ))
 }
 
-/// Minor page faults of a running process so far (field 10 of `/proc/PID/stat`): each is
-/// a page of fresh memory touched for the first time.
+/// Minor page faults of a running process so far (field 10): each is a page of fresh
+/// memory touched for the first time.
 pub fn minor_faults(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(10 - 3)?
-        .parse()
-        .ok()
+    Some(stat_fields(pid)?(10))
 }
 
 /// Peak RSS (VmHWM) of a running process, in bytes.
