@@ -1,11 +1,15 @@
-//! Compiles `modelcache/v1/*.proto` with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles `modelcache/v1/*.proto` (the node's `ModelCache` and `Admin`, the agent daemon's `Agent`) with protox (pure Rust), so no system `protoc` is needed.
 
 use std::path::PathBuf;
 
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["modelcache/v1/cache.proto"];
+    let protos = [
+        "modelcache/v1/cache.proto",
+        "modelcache/v1/agent.proto",
+        "modelcache/v1/admin.proto",
+    ];
     let fds = protox::compile(protos, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

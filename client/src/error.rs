@@ -101,6 +101,14 @@ pub enum AgentError {
     #[error("{reference}: {detail}; use `cache-agent get {reference}` for the directory")]
     WeightFile { reference: String, detail: String },
 
+    /// Another process holds the model's lock (it is fetching it into the same `DIR`).
+    #[error("{reference}: {detail}")]
+    Busy { reference: String, detail: String },
+
+    /// The daemon cannot start or serve (its socket, its listener).
+    #[error("{message}")]
+    Daemon { message: String },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -6,7 +6,11 @@
 //! DIR/resnet50/.int8/3f2a….json       its manifest (sizes, chunk BLAKE3, SHA-256)
 //! DIR/resnet50/.int8/9c41….partial/   a download in progress
 //! DIR/resnet50/.int8/9c41….progress.json   how far it got, for resuming
+//! DIR/resnet50/.int8/3f2a….damaged.json    chunks a check found bad, fetched again next
+//! DIR/resnet50/.int8.lock             the per-model lock processes take turns on
+//! DIR/resnet50/.int8.used             its modification time: the model's last use
 //! DIR/org/minilm/@original            -> .original/…
+//! DIR/.trash/…                        evicted models being deleted (cleaned at start)
 //! ```
 //!
 //! Name segments never start with `.` and never contain `@`, so `@VARIANT` links and
@@ -62,6 +66,41 @@ pub struct LocalModel {
 pub const DIR_FORMAT: u32 = 1;
 const FORMAT_FILE: &str = ".modelcache-format";
 const FORMAT_PREFIX: &str = "modelcache-agent-dir ";
+
+/// A chunk of a local file that failed its BLAKE3 check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadChunk {
+    pub path: String,
+    pub chunk: u64,
+}
+
+const TRASH: &str = ".trash";
+
+/// Bytes a path really takes on disk (allocated blocks), symlinks not followed, and a
+/// file linked several times (a revision reusing the previous one's files) counted once.
+pub fn disk_usage(path: &Path) -> u64 {
+    fn walk(path: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return 0;
+        };
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            return 0;
+        }
+        let own = meta.blocks() * 512;
+        if !meta.is_dir() {
+            return own;
+        }
+        let children: u64 = std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| walk(&e.path(), seen))
+            .sum();
+        own + children
+    }
+    walk(path, &mut std::collections::HashSet::new())
+}
 
 /// A held lock of one (name, variant) in a directory.
 #[derive(Debug)]
@@ -153,7 +192,15 @@ impl Layout {
     /// finds it present instead of racing on the same partial download. Blocking; released
     /// when dropped.
     pub fn lock(&self, r: &Reference) -> Result<ModelLock> {
+        let (file, path) = self.open_lock_file(r)?;
+        file.lock()
+            .map_err(|e| AgentError::io(format!("locking {}", path.display()), e))?;
+        Ok(ModelLock { _file: file })
+    }
+
+    fn open_lock_file(&self, r: &Reference) -> Result<(File, PathBuf)> {
         let path = self.lock_file(r);
+        self.check_inside(&path)?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
@@ -164,9 +211,153 @@ impl Layout {
             .truncate(false)
             .open(&path)
             .map_err(|e| AgentError::io(format!("opening {}", path.display()), e))?;
-        file.lock()
-            .map_err(|e| AgentError::io(format!("locking {}", path.display()), e))?;
-        Ok(ModelLock { _file: file })
+        Ok((file, path))
+    }
+
+    /// Like `lock`, without waiting: `Busy` when another process holds it.
+    pub fn try_lock(&self, r: &Reference) -> Result<ModelLock> {
+        let (file, path) = self.open_lock_file(r)?;
+        match file.try_lock() {
+            Ok(()) => Ok(ModelLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Busy {
+                reference: r.to_string(),
+                detail: "another process is fetching it into the same directory".into(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(AgentError::io(format!("locking {}", path.display()), e))
+            }
+        }
+    }
+
+    /// Refuses a path whose folders between `DIR` and it include a symlink (or that is a
+    /// symlink itself): removing through one would reach outside `DIR`.
+    fn check_inside(&self, path: &Path) -> Result<()> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| AgentError::Corrupt {
+                reference: path.display().to_string(),
+                detail: format!("not inside {}", self.root.display()),
+            })?;
+        let mut at = self.root.clone();
+        for part in rel.components() {
+            at.push(part);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink())
+                && at != path
+            {
+                return Err(AgentError::Corrupt {
+                    reference: path.display().to_string(),
+                    detail: format!(
+                        "{} is a symlink; not following it out of {}",
+                        at.display(),
+                        self.root.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn used_file(&self, r: &Reference) -> PathBuf {
+        self.model_dir(r).join(format!(".{}.used", r.variant()))
+    }
+
+    /// Records a use of the model now (for least-recently-used eviction); best effort.
+    pub fn touch(&self, r: &Reference) {
+        let path = self.used_file(r);
+        if self.check_inside(&path).is_err() {
+            return;
+        }
+        let _ = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    }
+
+    /// When the model was last used: its last `touch`, else when its link was made.
+    pub fn last_used(&self, r: &Reference) -> std::time::SystemTime {
+        std::fs::metadata(self.used_file(r))
+            .or_else(|_| std::fs::symlink_metadata(self.link(r)))
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+    }
+
+    /// Bytes the model takes on disk: every revision, partial downloads, progress files.
+    pub fn model_disk_usage(&self, r: &Reference) -> u64 {
+        disk_usage(&self.store(r))
+    }
+
+    fn damaged_file(&self, r: &Reference, rev: &str) -> PathBuf {
+        self.store(r).join(format!("{rev}.damaged.json"))
+    }
+
+    /// Records chunks of revision `rev` that failed their check (added to those known).
+    pub fn mark_damaged(&self, r: &Reference, rev: &str, bad: &[BadChunk]) -> Result<()> {
+        let mut all = self.damaged(r, rev).unwrap_or_default();
+        for b in bad {
+            if !all.contains(b) {
+                all.push(b.clone());
+            }
+        }
+        write_atomic(
+            &self.damaged_file(r, rev),
+            &serde_json::to_vec_pretty(&all).expect("damage serializes"),
+        )
+    }
+
+    /// The chunks of `rev` known to be bad, if any.
+    pub fn damaged(&self, r: &Reference, rev: &str) -> Option<Vec<BadChunk>> {
+        let bytes = std::fs::read(self.damaged_file(r, rev)).ok()?;
+        serde_json::from_slice::<Vec<BadChunk>>(&bytes)
+            .ok()
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn clear_damaged(&self, r: &Reference, rev: &str) {
+        let _ = std::fs::remove_file(self.damaged_file(r, rev));
+    }
+
+    /// Takes the model out of `DIR` at once, without waiting for the bytes to be deleted:
+    /// its link is removed and its store renamed into `DIR/.trash`, whose contents the
+    /// caller deletes (and the next start cleans). `None` when it was not there; `Busy`
+    /// when another process is fetching it.
+    pub fn detach(&self, r: &Reference) -> Result<Option<PathBuf>> {
+        let link = self.link(r);
+        let store = self.store(r);
+        self.check_inside(&store)?;
+        let present = link.symlink_metadata().is_ok() || store.symlink_metadata().is_ok();
+        if !present {
+            return Ok(None);
+        }
+        let _lock = self.try_lock(r)?;
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link)
+                .map_err(|e| AgentError::io(format!("removing {}", link.display()), e))?;
+        }
+        let _ = std::fs::remove_file(self.used_file(r));
+        if store.symlink_metadata().is_err() {
+            return Ok(None);
+        }
+        let trash = self.root.join(TRASH);
+        std::fs::create_dir_all(&trash)
+            .map_err(|e| AgentError::io(format!("creating {}", trash.display()), e))?;
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let target = trash.join(format!("{}-{unique}", std::process::id()));
+        std::fs::rename(&store, &target)
+            .map_err(|e| AgentError::io(format!("moving {} to the trash", store.display()), e))?;
+        Ok(Some(target))
+    }
+
+    /// Deletes what an earlier process left behind: evicted models not yet deleted, and
+    /// temporary links of publishes cut short.
+    pub fn clean_leftovers(&self) {
+        let trash = self.root.join(TRASH);
+        if trash.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            let _ = std::fs::remove_dir_all(&trash);
+        }
     }
 
     /// The revision the link points at, with its manifest.
@@ -192,6 +383,12 @@ impl Layout {
             &path,
             &serde_json::to_vec_pretty(manifest).expect("manifest serializes"),
         )
+    }
+
+    /// The published revision's manifest, when every file of it is present with its size
+    /// (no re-hash): what `prefetch`, `get` offline and the daemon's `Ensure` trust.
+    pub fn complete_current(&self, r: &Reference) -> Option<LocalManifest> {
+        self.current(r).filter(|m| self.is_complete(r, m))
     }
 
     /// Whether every file of `manifest` is present in its revision dir with its size.
@@ -252,6 +449,7 @@ impl Layout {
             let rev = name
                 .trim_end_matches(".partial")
                 .trim_end_matches(".progress.json")
+                .trim_end_matches(".damaged.json")
                 .trim_end_matches(".json");
             if keep.contains(&rev) {
                 continue;
@@ -269,6 +467,8 @@ impl Layout {
     pub fn remove(&self, r: &Reference) -> Result<bool> {
         let link = self.link(r);
         let store = self.store(r);
+        self.check_inside(&store)?;
+        let _ = std::fs::remove_file(self.used_file(r));
         let existed = link.symlink_metadata().is_ok() || store.exists();
         if link.symlink_metadata().is_ok() {
             std::fs::remove_file(&link)

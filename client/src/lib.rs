@@ -7,6 +7,7 @@
 //! revision by swapping a symlink: `DIR/NAME/@VARIANT` (see `layout`).
 
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod layout;
 pub mod node;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 use modelcache_proto::Reference;
 use modelcache_proto::v1::{self, ListRequest};
+use tracing::Instrument;
 
 pub use error::{AgentError, Result};
 pub use layout::{Layout, LocalManifest, LocalModel};
@@ -68,6 +70,24 @@ pub struct Agent {
     /// The connected node's client and its index in `nodes`.
     client: tokio::sync::Mutex<Option<(NodeClient, usize)>>,
     idle_timeout: std::time::Duration,
+    /// Use `nodes` as given, without owner routing.
+    direct: bool,
+    /// Never ask a node: local copies only.
+    offline: bool,
+}
+
+/// A cluster member as a node reported it, with its place in a model's rank order.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    pub address: String,
+    pub id: String,
+    pub healthy: bool,
+    /// Why it is unhealthy, when it is.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// 1 for the model's owner, 2 for the next, …; `None` for unhealthy members (and
+    /// when no model was asked about).
+    pub rank: Option<usize>,
 }
 
 impl Agent {
@@ -78,7 +98,81 @@ impl Agent {
             layout: Layout::new(dir),
             client: tokio::sync::Mutex::new(None),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            direct: false,
+            offline: false,
         }
+    }
+
+    /// With `offline`, `prefetch` and `get` return local copies (sizes checked) and never
+    /// ask a node.
+    pub fn with_offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// With `direct`, transfers go to the first node of the list as given (the others in
+    /// order if it is down), without asking who owns the model.
+    pub fn with_direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+
+    /// The cluster's members as the first node that answers sees them; for `model`, the
+    /// healthy ones in its rank order (owner first), then the others.
+    pub async fn members(&self, model: Option<&str>) -> Result<Vec<Member>> {
+        let mut client = self.client().await?;
+        let response = client.members(v1::MembersRequest {}).await?.into_inner();
+        let mut members: Vec<Member> = response
+            .members
+            .into_iter()
+            .map(|m| Member {
+                address: m.address,
+                id: m.id,
+                healthy: m.healthy,
+                detail: m.detail,
+                rank: None,
+            })
+            .collect();
+        if let Some(model) = model {
+            let healthy = members.iter().filter(|m| m.healthy).map(|m| m.id.as_str());
+            let order: Vec<String> = modelcache_proto::rank::rank(model, healthy)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            for m in &mut members {
+                m.rank = order.iter().position(|id| *id == m.id).map(|p| p + 1);
+            }
+            members.sort_by_key(|m| m.rank.unwrap_or(usize::MAX));
+        }
+        Ok(members)
+    }
+
+    /// The nodes to ask for `reference`, in order: its owner and the rest of its rank
+    /// order (learned from any node), then the given nodes not among them; the given
+    /// nodes alone with `--direct`, or when no node lists its members.
+    async fn route(&self, reference: &Reference) -> Vec<String> {
+        if self.direct {
+            return self.nodes.clone();
+        }
+        let members = match self.members(Some(reference.name())).await {
+            Ok(members) => members,
+            Err(e) => {
+                tracing::info!(%reference, "no member list ({e}); using the nodes as given");
+                return self.nodes.clone();
+            }
+        };
+        let mut route: Vec<String> = members
+            .iter()
+            .filter(|m| m.rank.is_some() && !m.address.is_empty())
+            .map(|m| node::url_of(&m.address, &self.nodes))
+            .collect();
+        for n in &self.nodes {
+            if !route.contains(n) {
+                route.push(n.clone());
+            }
+        }
+        tracing::debug!(%reference, ?route, "node order");
+        route
     }
 
     /// How long a node may send nothing mid-stream before the attempt ends and the next
@@ -114,28 +208,97 @@ impl Agent {
         Ok(connected)
     }
 
-    /// Leaves node `stalled` for the next one in the list (the same when it is the only
-    /// one).
-    async fn move_on_from(&self, stalled: usize) -> Result<(NodeClient, usize)> {
-        let mut slot = self.client.lock().await;
-        let connected = node::connect_from(&self.nodes, stalled + 1).await?;
-        *slot = Some(connected.clone());
-        Ok(connected)
-    }
-
     /// Fetches one model variant into its local directory, verified; returns where it is.
     /// A model that changes in the origin during the transfer (`ABORTED`) is fetched again
     /// at its new revision, a few times at most.
+    ///
+    /// The model's owner is asked first; when a node dies, is cut off or stalls in the
+    /// middle, the transfer goes on from the bytes it reached on the next node in rank,
+    /// in the same run.
+    ///
+    /// When no node answers (or with `--offline`), a complete local copy is returned as it
+    /// is (sizes checked; `Fetched::offline` set): its revision could not be checked.
     pub async fn prefetch(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
-        let (mut client, mut index) = self.connection().await?;
+        // The root of the load's trace, unless the caller's span is (the daemon's Ensure).
+        let span = tracing::info_span!(
+            "prefetch",
+            reference = %reference,
+            revision = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            offline = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let fetched = self
+            .prefetch_traced(reference, progress)
+            .instrument(span.clone())
+            .await;
+        match &fetched {
+            Ok(f) => {
+                span.record("revision", f.revision.as_str());
+                span.record("bytes", f.transferred);
+                span.record("offline", f.offline);
+                span.record("outcome", "ok")
+            }
+            Err(e) => span.record("outcome", tracing::field::display(e)),
+        };
+        fetched
+    }
+
+    async fn prefetch_traced(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
+        let fetched = if self.offline {
+            self.local_copy(reference)
+                .ok_or_else(|| AgentError::NotPresent {
+                    reference: reference.to_string(),
+                    dir: self.layout.root().display().to_string(),
+                })
+        } else {
+            match self.prefetch_online(reference, progress).await {
+                Err(e @ AgentError::Unreachable { .. }) => {
+                    let local = self.local_copy(reference).ok_or(e)?;
+                    tracing::warn!(
+                        "no node answered; {reference} is the local copy at revision {}, which \
+                         could not be checked for a newer revision",
+                        local.revision
+                    );
+                    Ok(local)
+                }
+                other => other,
+            }
+        }?;
+        self.layout.touch(reference);
+        Ok(fetched)
+    }
+
+    /// The complete local copy of `reference` (sizes checked, no re-hash), if any.
+    fn local_copy(&self, reference: &Reference) -> Option<Fetched> {
+        let m = self.layout.complete_current(reference)?;
+        Some(Fetched {
+            path: self.layout.link(reference),
+            total_size: m.total_size(),
+            revision: m.revision,
+            transferred: 0,
+            offline: true,
+        })
+    }
+
+    async fn prefetch_online(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
+        let route = self.route(reference).await;
+        let (mut client, mut index) = node::connect_from(&route, 0).await?;
         let mut attempt = 1;
+        // Every node once, and a few model changes.
+        let max_failovers = route.len() as u32 + 1;
+        let mut failovers = 0;
         loop {
             let conn = transfer::Connection {
                 client: &mut client,
-                node: &self.nodes[index],
+                node: &route[index],
                 idle_timeout: self.idle_timeout,
             };
-            match transfer::prefetch(conn, &self.layout, reference, progress).await {
+            let span = tracing::info_span!("transfer", node = %route[index], attempt);
+            let transferred = transfer::prefetch(conn, &self.layout, reference, progress)
+                .instrument(span)
+                .await;
+            match transferred {
                 Ok(fetched) => {
                     self.layout.check_format(true)?;
                     return Ok(fetched);
@@ -143,9 +306,14 @@ impl Agent {
                 Err(e @ AgentError::Aborted { .. }) if attempt < MAX_ATTEMPTS => {
                     tracing::info!(%reference, "{e}; fetching the new revision");
                 }
-                Err(e @ AgentError::Stalled { .. }) if attempt < MAX_ATTEMPTS => {
-                    tracing::warn!(%reference, "{e}");
-                    (client, index) = self.move_on_from(index).await?;
+                Err(e @ (AgentError::Stalled { .. } | AgentError::Unavailable { .. }))
+                    if failovers < max_failovers =>
+                {
+                    failovers += 1;
+                    let from = route[index].clone();
+                    (client, index) = node::connect_from(&route, index + 1).await?;
+                    tracing::warn!(%reference, "{from}: {e}; going on with {}", route[index]);
+                    continue;
                 }
                 other => return other,
             }
@@ -248,6 +416,19 @@ impl Agent {
                     .await
                     .map_err(|e| AgentError::io("verify", std::io::Error::other(e)))?
             };
+            let bad: Vec<layout::BadChunk> = checked
+                .iter()
+                .filter_map(|p| {
+                    p.chunk.map(|chunk| layout::BadChunk {
+                        path: p.path.clone(),
+                        chunk,
+                    })
+                })
+                .collect();
+            if !bad.is_empty() {
+                // The next prefetch (or the daemon) fetches these chunks again.
+                self.layout.mark_damaged(&r, &manifest.revision, &bad)?;
+            }
             let mut report = VerifyReport {
                 reference: r.clone(),
                 revision: manifest.revision.clone(),
@@ -273,10 +454,12 @@ impl Agent {
                         Ok(actual) => report.problems.push(verify::Problem {
                             path: file.path.clone(),
                             detail: format!("SHA-256 is {actual}, expected {expected}"),
+                            chunk: None,
                         }),
                         Err(e) => report.problems.push(verify::Problem {
                             path: file.path.clone(),
                             detail: e.to_string(),
+                            chunk: None,
                         }),
                     }
                 }

@@ -2,22 +2,47 @@
 
 use std::process::ExitCode;
 
-use cache_agent::cli::{Cli, Command};
+use cache_agent::cli::{AdminCommand, Cli, Command, DaemonArgs};
 use cache_agent::{Agent, AgentError, Progress};
 use clap::Parser;
 use modelcache_proto::Reference;
 use modelcache_proto::v1::variant_state::State;
 
+/// `println!` that ends the process quietly (status 0) when stdout is closed, as when the
+/// output is piped into `head`: the reader has what it wanted.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("cache-agent: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
-    match run(cli).await {
+    let telemetry = match init_logging(&cli) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("cache-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ran = run(cli).await;
+    telemetry.shutdown().await;
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cache-agent: {e}");
             match e {
-                AgentError::InvalidReference(_) => ExitCode::from(2),
+                // A malformed reference, or one the node refused as such (an unknown or
+                // inapplicable variant).
+                AgentError::InvalidReference(_) | AgentError::Invalid { .. } => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -25,19 +50,21 @@ async fn main() -> ExitCode {
 }
 
 /// Logs go to stderr (stdout carries the paths scripts read): warnings by default, more
-/// with `-v`, errors only with `-q`; without either, `RUST_LOG` when it is set.
-fn init_logging(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
+/// with `-v`, errors only with `-q`; without either, `RUST_LOG` when it is set (a filter
+/// that is not one is an error). Spans are exported when the `OTEL_*` variables say so.
+fn init_logging(cli: &Cli) -> Result<modelcache_telemetry::Telemetry, String> {
     let filter = match cli.log_filter() {
-        Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        Some(level) => level.to_owned(),
+        None => modelcache_telemetry::filter_from_env()
+            .transpose()?
+            .unwrap_or_else(|| "warn".to_owned()),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    modelcache_telemetry::init(modelcache_telemetry::Options {
+        service: "cache-agent",
+        filter,
+        format: modelcache_telemetry::LogFormat::Text,
+        targets: false,
+    })
 }
 
 fn parse_all(references: &[String]) -> Result<Vec<Reference>, AgentError> {
@@ -51,19 +78,57 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
     let dir = cli.dir.unwrap_or_else(Agent::default_dir);
     let dir =
         std::path::absolute(&dir).map_err(|e| AgentError::io(format!("{}", dir.display()), e))?;
-    let agent = Agent::new(cli.node, dir);
+    let node_urls = cli.node.clone();
+    let agent = Agent::new(cli.node, dir)
+        .with_direct(cli.direct)
+        .with_offline(cli.offline)
+        .with_idle_timeout(cli.idle_timeout);
+    let json = cli.json;
+    let progress = || {
+        if cli.quiet || json {
+            Progress::hidden()
+        } else {
+            Progress::auto()
+        }
+    };
     match cli.command {
-        Command::Prefetch { references } => prefetch(&agent, &references).await,
+        Command::Prefetch { references } => prefetch(&agent, &references, json, progress()).await,
         Command::Get { weights, reference } => {
             let r = Reference::parse(&reference)?;
-            let path = agent.get(&r, weights, &Progress::auto()).await?;
-            println!("{}", path.display());
+            let path = agent.get(&r, weights, &progress()).await?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({"reference": r.to_string(), "path": path})
+                );
+            } else {
+                out!("{}", path.display());
+            }
             Ok(())
         }
         Command::Verify { sha256, reference } => verify(&agent, sha256, reference).await,
+        Command::Daemon(args) => daemon(agent, args).await,
+        Command::Ls if json => {
+            let models: Vec<_> = agent
+                .ls()
+                .into_iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "reference": m.reference.to_string(),
+                        "name": m.reference.name(),
+                        "variant": m.reference.variant(),
+                        "revision": m.revision,
+                        "size": m.size,
+                        "path": m.path,
+                    })
+                })
+                .collect();
+            out!("{}", serde_json::Value::Array(models));
+            Ok(())
+        }
         Command::Ls => {
             for m in agent.ls() {
-                println!(
+                out!(
                     "{}\t{}\t{}\t{}",
                     m.reference,
                     m.revision,
@@ -73,7 +138,7 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
             }
             Ok(())
         }
-        Command::Stat { reference } => stat(&agent, &reference).await,
+        Command::Stat { reference } => stat(&agent, &reference, json).await,
         Command::Rm { reference } => {
             let r = Reference::parse(&reference)?;
             if !agent.rm(&r)? {
@@ -84,16 +149,154 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
             }
             Ok(())
         }
-        Command::Models => models(&agent).await,
+        Command::Models => models(&agent, json).await,
+        Command::Nodes { reference } => nodes(&agent, reference, json).await,
+        Command::Admin(command) => admin(&node_urls, command, json).await,
     }
 }
 
-async fn prefetch(agent: &Agent, references: &[String]) -> Result<(), AgentError> {
+/// `cache-agent daemon`: prints the address it serves on (one line) once it does.
+async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
+    let listen = args
+        .listen
+        .parse()
+        .map_err(|message| AgentError::Daemon { message })?;
+    let options = cache_agent::daemon::Options {
+        listen,
+        socket_mode: args.socket_mode,
+        prefetch: args.prefetch,
+        prefetch_file: args.prefetch_file,
+        max_size: args.max_size,
+        max_bandwidth: args.max_bandwidth,
+        refresh_interval: (!args.refresh_interval.is_zero()).then_some(args.refresh_interval),
+        verify_rate: args.verify_rate,
+        metrics_listen: args.metrics_listen,
+    };
+    cache_agent::daemon::run(agent, options, |address| out!("{address}")).await
+}
+
+/// `cache-agent admin …`: one line per node (`ID ADDRESS` and the revision it serves, or
+/// `error: …`), or a JSON array with `--json`; fails when the call failed on any node.
+async fn admin(nodes: &[String], command: AdminCommand, json: bool) -> Result<(), AgentError> {
+    use AdminCommand::*;
+    let (reference, cluster) = match &command {
+        Invalidate { reference, cluster }
+        | Revalidate { reference, cluster }
+        | Pin { reference, cluster }
+        | Unpin { reference, cluster } => (reference.clone(), *cluster),
+        Pins { cluster } => (String::new(), *cluster),
+    };
+    if !matches!(command, Pins { .. }) {
+        Reference::parse(&reference)?;
+    }
+    let mut client = cache_agent::node::admin(nodes).await?;
+    let request = modelcache_proto::v1::AdminRequest { reference, cluster };
+    let answer = match command {
+        Invalidate { .. } => client.invalidate(request).await?,
+        Revalidate { .. } => client.revalidate(request).await?,
+        Pin { .. } => client.pin(request).await?,
+        Unpin { .. } => client.unpin(request).await?,
+        Pins { .. } => client.pins(request).await?,
+    };
+    let outcomes = answer.into_inner().nodes;
+    for n in outcomes.iter().filter(|_| !json) {
+        let size = bytesize::ByteSize::b(n.bytes).display().iec();
+        match (n.error.is_empty(), n.revision.is_empty()) {
+            (false, _) => out!("{}\t{}\terror: {}", n.node_id, n.address, n.error),
+            (true, false) if n.bytes > 0 => {
+                out!("{}\t{}\t{}\t{size}", n.node_id, n.address, n.revision)
+            }
+            (true, false) => out!("{}\t{}\t{}", n.node_id, n.address, n.revision),
+            (true, true) if !n.pins.is_empty() => {
+                for p in &n.pins {
+                    let size = bytesize::ByteSize::b(p.bytes).display().iec();
+                    out!(
+                        "{}\t{}\t{}\t{}\t{size}",
+                        n.node_id,
+                        n.address,
+                        p.reference,
+                        p.revision
+                    );
+                }
+            }
+            (true, true) => out!("{}\t{}\tok", n.node_id, n.address),
+        }
+    }
+    if json {
+        let list: Vec<_> = outcomes
+            .iter()
+            .map(|n| {
+                let pins: Vec<_> = n
+                    .pins
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({"reference": p.reference, "revision": p.revision,
+                        "bytes": p.bytes})
+                    })
+                    .collect();
+                serde_json::json!({"id": n.node_id, "address": n.address,
+                    "revision": n.revision, "bytes": n.bytes, "pins": pins, "error": n.error})
+            })
+            .collect();
+        out!("{}", serde_json::Value::Array(list));
+    }
+    let failed = outcomes.iter().filter(|n| !n.error.is_empty()).count();
+    if failed > 0 {
+        return Err(AgentError::Node {
+            code: tonic::Code::Unavailable,
+            message: format!(
+                "the call failed on {failed} of {} nodes (the lines above say why)",
+                outcomes.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+async fn nodes(agent: &Agent, reference: Option<String>, json: bool) -> Result<(), AgentError> {
+    let r = reference.as_deref().map(Reference::parse).transpose()?;
+    let members = agent.members(r.as_ref().map(Reference::name)).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&members).expect("members serialize");
+        out!("{text}");
+        return Ok(());
+    }
+    for m in &members {
+        let health = if m.healthy {
+            "healthy".to_owned()
+        } else {
+            format!("down ({})", m.detail)
+        };
+        out!("{}\t{}\t{health}", m.address, m.id);
+    }
+    Ok(())
+}
+
+async fn prefetch(
+    agent: &Agent,
+    references: &[String],
+    json: bool,
+    progress: Progress,
+) -> Result<(), AgentError> {
     let references = parse_all(references)?;
-    let progress = Progress::auto();
+    let mut done = Vec::new();
     for r in &references {
         let fetched = agent.prefetch(r, &progress).await?;
-        println!("{}", fetched.path.display());
+        if json {
+            done.push(serde_json::json!({
+                "reference": r.to_string(),
+                "path": fetched.path,
+                "revision": fetched.revision,
+                "size": fetched.total_size,
+                "transferred": fetched.transferred,
+                "offline": fetched.offline,
+            }));
+        } else {
+            out!("{}", fetched.path.display());
+        }
+    }
+    if json {
+        out!("{}", serde_json::Value::Array(done));
     }
     Ok(())
 }
@@ -120,9 +323,11 @@ async fn verify(agent: &Agent, sha256: bool, reference: Option<String>) -> Resul
         } else {
             "CORRUPT"
         };
-        println!(
+        out!(
             "{verdict}\t{}\t{}\t{} files{sha}",
-            report.reference, report.revision, report.files
+            report.reference,
+            report.revision,
+            report.files
         );
         bad += usize::from(!report.problems.is_empty());
     }
@@ -135,11 +340,51 @@ async fn verify(agent: &Agent, sha256: bool, reference: Option<String>) -> Resul
     Ok(())
 }
 
-async fn stat(agent: &Agent, reference: &str) -> Result<(), AgentError> {
+async fn stat(agent: &Agent, reference: &str, json: bool) -> Result<(), AgentError> {
     let r = Reference::parse(reference)?;
     let m = agent.stat(&r).await?;
-    println!("model     {}:{}", m.name, m.variant);
-    println!(
+    if json {
+        let tiers = m.tiers.map(|t| {
+            serde_json::json!({
+                "memory_chunks": t.memory_chunks,
+                "disk_chunks": t.disk_chunks,
+                "total_chunks": t.total_chunks,
+            })
+        });
+        let files: Vec<_> = m
+            .files
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "size": f.size, "sha256": f.sha256}))
+            .collect();
+        let variants: Vec<_> = m
+            .variants
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "variant": v.variant,
+                    "state": v.state().as_str_name().to_ascii_lowercase(),
+                    "revision": v.revision,
+                    "size": v.total_size,
+                    "reason": v.reason,
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "reference": r.to_string(),
+            "name": m.name,
+            "variant": m.variant,
+            "revision": m.revision,
+            "stale": m.stale,
+            "size": m.total_size,
+            "tiers": tiers,
+            "files": files,
+            "variants": variants,
+        });
+        out!("{value}");
+        return Ok(());
+    }
+    out!("model     {}:{}", m.name, m.variant);
+    out!(
         "revision  {}{}",
         m.revision,
         if m.stale {
@@ -148,15 +393,18 @@ async fn stat(agent: &Agent, reference: &str) -> Result<(), AgentError> {
             String::new()
         }
     );
-    println!(
+    out!(
         "size      {} in {} files",
         bytesize::ByteSize(m.total_size),
         m.files.len()
     );
     if let Some(t) = m.tiers {
-        println!(
+        out!(
             "tiers     memory {}/{} chunks, disk {}/{} chunks",
-            t.memory_chunks, t.total_chunks, t.disk_chunks, t.total_chunks
+            t.memory_chunks,
+            t.total_chunks,
+            t.disk_chunks,
+            t.total_chunks
         );
     }
     for f in &m.files {
@@ -165,11 +413,15 @@ async fn stat(agent: &Agent, reference: &str) -> Result<(), AgentError> {
         } else {
             f.sha256.as_str()
         };
-        println!("{sha}  {:>12}  {}", f.size, f.path);
+        out!("{sha}  {:>12}  {}", f.size, f.path);
         if let Some(p) = &f.provenance {
-            println!(
+            out!(
                 "    from {} (sha256 {}), {} by {}: {}",
-                p.source_path, p.source_sha256, p.variant, p.quantizer_version, p.parameters
+                p.source_path,
+                p.source_sha256,
+                p.variant,
+                p.quantizer_version,
+                p.parameters
             );
         }
     }
@@ -184,13 +436,38 @@ async fn stat(agent: &Agent, reference: &str) -> Result<(), AgentError> {
             ),
             State::Failed => format!("failed: {}", v.reason),
         };
-        println!("variant   {}: {state}", v.variant);
+        out!("variant   {}: {state}", v.variant);
     }
     Ok(())
 }
 
-async fn models(agent: &Agent) -> Result<(), AgentError> {
-    for m in agent.models().await? {
+async fn models(agent: &Agent, json: bool) -> Result<(), AgentError> {
+    let models = agent.models().await?;
+    if json {
+        let value: Vec<_> = models
+            .iter()
+            .map(|m| {
+                let cached: Vec<_> = m
+                    .cached
+                    .iter()
+                    .map(|c| {
+                        let t = c.tiers.unwrap_or_default();
+                        serde_json::json!({
+                            "variant": c.variant,
+                            "size": c.total_size,
+                            "memory_chunks": t.memory_chunks,
+                            "disk_chunks": t.disk_chunks,
+                            "total_chunks": t.total_chunks,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"name": m.name, "cached": cached})
+            })
+            .collect();
+        out!("{}", serde_json::Value::Array(value));
+        return Ok(());
+    }
+    for m in models {
         let cached: Vec<String> = m
             .cached
             .iter()
@@ -207,7 +484,7 @@ async fn models(agent: &Agent) -> Result<(), AgentError> {
                 )
             })
             .collect();
-        println!(
+        out!(
             "{}\t{}",
             m.name,
             if cached.is_empty() {

@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use modelcache_proto::Reference;
-use modelcache_proto::parts::{Assembly, CHECK_PROTOCOL, MANIFEST_PROTOCOL};
+use modelcache_proto::parts::{self, CHECK_PROTOCOL, MANIFEST_PROTOCOL, ResolveError};
+use modelcache_proto::v1;
+use modelcache_proto::v1::admin_client::AdminClient;
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
-use modelcache_proto::v1::{self, ResolveRequest};
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
+use modelcache_telemetry::propagation::Traced;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{AgentError, Result};
@@ -14,7 +16,8 @@ use crate::error::{AgentError, Result};
 /// How long to wait for a node to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub type NodeClient = ModelCacheClient<Channel>;
+/// A node client whose calls carry the current span's trace context.
+pub type NodeClient = ModelCacheClient<Traced<Channel>>;
 
 /// Default node address.
 pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
@@ -40,6 +43,17 @@ fn endpoint(url: &str) -> Result<Endpoint> {
         })
 }
 
+/// The URL of a member that advertises `address` (`host:port`), with the scheme the
+/// given nodes use.
+pub fn url_of(address: &str, given: &[String]) -> String {
+    let scheme = if given.iter().any(|n| n.starts_with("https://")) {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{address}")
+}
+
 /// Connects to the first node of `nodes` that accepts a connection.
 pub async fn connect(nodes: &[String]) -> Result<NodeClient> {
     connect_from(nodes, 0).await.map(|(client, _)| client)
@@ -48,16 +62,28 @@ pub async fn connect(nodes: &[String]) -> Result<NodeClient> {
 /// Connects to the first node that accepts a connection, trying `nodes` in order from
 /// index `first` on and then from the start; returns the client and the node's index.
 pub async fn connect_from(nodes: &[String], first: usize) -> Result<(NodeClient, usize)> {
+    let (channel, index) = channel_from(nodes, first).await?;
+    let client = ModelCacheClient::new(Traced(channel))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    Ok((client, index))
+}
+
+/// The operator controls of the first node of `nodes` that accepts a connection.
+pub async fn admin(nodes: &[String]) -> Result<AdminClient<Traced<Channel>>> {
+    let (channel, _) = channel_from(nodes, 0).await?;
+    Ok(AdminClient::new(Traced(channel)))
+}
+
+/// A connection to the first node that accepts one, in the order of `connect_from`.
+async fn channel_from(nodes: &[String], first: usize) -> Result<(Channel, usize)> {
     let mut failures = Vec::new();
     let order = (0..nodes.len()).map(|i| (first + i) % nodes.len());
     for (index, url) in order.map(|i| (i, &nodes[i])) {
         match endpoint(url)?.connect().await {
             Ok(channel) => {
                 tracing::debug!(node = %url, "connected");
-                let client = ModelCacheClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                    .max_encoding_message_size(MAX_MESSAGE_SIZE);
-                return Ok((client, index));
+                return Ok((channel, index));
             }
             Err(e) => {
                 tracing::info!(node = %url, "cannot connect: {}", error_chain(&e));
@@ -74,42 +100,15 @@ pub async fn connect_from(nodes: &[String], first: usize) -> Result<(NodeClient,
 /// The node's whole manifest of `reference`, asked for a part at a time when it comes in
 /// parts (a model of many files, or of very large ones).
 pub async fn resolve(client: &mut NodeClient, reference: &Reference) -> Result<v1::Manifest> {
-    let protocol = |detail: String| AgentError::Protocol {
-        reference: reference.to_string(),
-        detail,
-    };
-    let mut page_token = String::new();
-    let mut assembly: Option<Assembly> = None;
-    loop {
-        let response = client
-            .resolve(ResolveRequest {
+    parts::resolve_whole(client, &reference.to_string(), CHECK_PROTOCOL)
+        .await
+        .map_err(|e| match e {
+            ResolveError::Status(s) => older_node(s, reference),
+            ResolveError::Protocol(detail) => AgentError::Protocol {
                 reference: reference.to_string(),
-                page_token: std::mem::take(&mut page_token),
-                protocol: CHECK_PROTOCOL,
-            })
-            .await
-            .map_err(|s| older_node(s, reference))?
-            .into_inner();
-        let manifest = response
-            .manifest
-            .ok_or_else(|| protocol("Resolve returned no manifest".into()))?;
-        match assembly.as_mut() {
-            None => assembly = Some(Assembly::new(manifest).map_err(protocol)?),
-            Some(so_far) => so_far.add(manifest.files).map_err(protocol)?,
-        }
-        if response.next_page_token.is_empty() {
-            break;
-        }
-        page_token = response.next_page_token;
-    }
-    let assembly = assembly.expect("at least one response");
-    if !assembly.is_complete() {
-        return Err(protocol(format!(
-            "the manifest announced {} files and its parts ended early",
-            assembly.file_count()
-        )));
-    }
-    Ok(assembly.into_manifest())
+                detail,
+            },
+        })
 }
 
 /// A message too large for the client: an older node that sends a large manifest whole.

@@ -13,6 +13,9 @@ use crate::layout::LocalManifest;
 pub struct Problem {
     pub path: String,
     pub detail: String,
+    /// The chunk that failed its BLAKE3, when the problem is one chunk (repairable by
+    /// fetching that chunk alone).
+    pub chunk: Option<u64>,
 }
 
 /// Checks sizes and chunk digests of every file in `dir`.
@@ -30,14 +33,17 @@ pub fn check_chunks(dir: &Path, manifest: &LocalManifest) -> Vec<Problem> {
             Ok(m) if m.is_file() => problems.push(Problem {
                 path: file.path.clone(),
                 detail: format!("size is {} bytes, expected {}", m.len(), file.size),
+                chunk: None,
             }),
             Ok(_) => problems.push(Problem {
                 path: file.path.clone(),
                 detail: "is not a regular file".into(),
+                chunk: None,
             }),
             Err(e) => problems.push(Problem {
                 path: file.path.clone(),
                 detail: e.to_string(),
+                chunk: None,
             }),
         }
     }
@@ -52,18 +58,12 @@ pub fn check_chunks(dir: &Path, manifest: &LocalManifest) -> Vec<Problem> {
                     let mut bad = Vec::new();
                     let mut buf = vec![0u8; chunk_size as usize];
                     for (rel, index, expected) in part {
-                        let path = dir.join(rel);
-                        let result = std::fs::File::open(&path).and_then(|f| {
-                            let len = f.metadata()?.len();
-                            let start = index * chunk_size;
-                            let n = (len - start).min(chunk_size) as usize;
-                            f.read_exact_at(&mut buf[..n], start)?;
-                            Ok(blake3::hash(&buf[..n]).to_hex().to_string())
-                        });
+                        let result = chunk_blake3(&dir.join(rel), *index, chunk_size, &mut buf);
                         match result {
                             Ok(actual) if &actual == expected => {}
                             Ok(_) => bad.push(Problem {
                                 path: rel.clone(),
+                                chunk: Some(*index),
                                 detail: format!(
                                     "chunk {index} (bytes from {}) does not match its BLAKE3",
                                     index * chunk_size
@@ -72,6 +72,7 @@ pub fn check_chunks(dir: &Path, manifest: &LocalManifest) -> Vec<Problem> {
                             Err(e) => bad.push(Problem {
                                 path: rel.clone(),
                                 detail: e.to_string(),
+                                chunk: None,
                             }),
                         }
                     }
@@ -86,6 +87,22 @@ pub fn check_chunks(dir: &Path, manifest: &LocalManifest) -> Vec<Problem> {
     });
     problems.extend(found);
     problems
+}
+
+/// Hex BLAKE3 of chunk `index` of the file at `path`, read into `buf` (at least a chunk
+/// long).
+pub fn chunk_blake3(
+    path: &Path,
+    index: u64,
+    chunk_size: u64,
+    buf: &mut [u8],
+) -> std::io::Result<String> {
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = index * chunk_size;
+    let n = len.saturating_sub(start).min(chunk_size) as usize;
+    f.read_exact_at(&mut buf[..n], start)?;
+    Ok(blake3::hash(&buf[..n]).to_hex().to_string())
 }
 
 /// Hex SHA-256 of a file.

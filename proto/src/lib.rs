@@ -1,5 +1,6 @@
-//! The `modelcache.v1` contract shared by the node and the agent: the gRPC API generated
-//! from `proto/modelcache/v1/cache.proto`, the reference syntax (`NAME[:VARIANT]`), the
+//! The `modelcache.v1` contract shared by the node and the agent: the gRPC APIs generated
+//! from `proto/modelcache/v1/cache.proto` (the node's `ModelCache`) and `agent.proto` (the
+//! agent daemon's `Agent`), the reference syntax (`NAME[:VARIANT]`), the
 //! rules every receiver applies to file paths inside a model, the HTTP/2 and message
 //! sizes both ends of a transfer use (`wire`), and the ranking of a cluster's nodes for a
 //! model (`rank`: rendezvous hashing by node id, the same on nodes and agents).

@@ -95,6 +95,62 @@ pub fn cut(
     (part, next)
 }
 
+/// Why `resolve_whole` did not return a manifest.
+#[derive(Debug)]
+pub enum ResolveError {
+    /// The node answered with an error.
+    Status(tonic::Status),
+    /// The node's answers do not make one manifest.
+    Protocol(String),
+}
+
+/// The node's whole manifest of `reference`, asked for a part at a time (`page_token`)
+/// when it comes in parts, and put back together.
+pub async fn resolve_whole<T>(
+    client: &mut crate::v1::model_cache_client::ModelCacheClient<T>,
+    reference: &str,
+    protocol: u32,
+) -> Result<Manifest, ResolveError>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut page_token = String::new();
+    let mut assembly: Option<Assembly> = None;
+    loop {
+        let response = client
+            .resolve(crate::v1::ResolveRequest {
+                reference: reference.to_owned(),
+                page_token: std::mem::take(&mut page_token),
+                protocol,
+            })
+            .await
+            .map_err(ResolveError::Status)?
+            .into_inner();
+        let manifest = response
+            .manifest
+            .ok_or_else(|| ResolveError::Protocol("Resolve returned no manifest".into()))?;
+        match assembly.as_mut() {
+            None => assembly = Some(Assembly::new(manifest).map_err(ResolveError::Protocol)?),
+            Some(so_far) => so_far.add(manifest.files).map_err(ResolveError::Protocol)?,
+        }
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        page_token = response.next_page_token;
+    }
+    let assembly = assembly.expect("at least one response");
+    if !assembly.is_complete() {
+        return Err(ResolveError::Protocol(format!(
+            "the manifest announced {} files and its parts ended early",
+            assembly.file_count()
+        )));
+    }
+    Ok(assembly.into_manifest())
+}
+
 /// A manifest put back together from its parts.
 #[derive(Debug)]
 pub struct Assembly {

@@ -18,6 +18,7 @@ pub mod num;
 pub mod onnx;
 pub mod onnx_ops;
 pub mod safetensors;
+pub mod sample;
 
 use std::fmt;
 

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::landing::Landing;
+use crate::tier_files::{check_room, remove_new_files, reserve, tier_files};
+use crate::tier_metrics::TierMetrics;
 use modelcache_proto::CHUNK_SIZE;
 
 /// Room one chunk takes in a foyer disk block: its bytes, plus a 4 KiB page for the entry
@@ -184,6 +186,17 @@ pub enum Tier {
     Origin,
 }
 
+impl Tier {
+    /// `memory`, `disk` or `origin`, as metrics and spans name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+            Tier::Origin => "origin",
+        }
+    }
+}
+
 pub struct ChunkCache {
     hybrid: HybridCache<ChunkKey, ChunkValue>,
     /// Chunks read from the origin that the disk tier does not hold yet.
@@ -193,6 +206,25 @@ pub struct ChunkCache {
     lander: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Where the disk tier lives, for messages.
     dir: String,
+    disk_capacity: u64,
+    block_size: u64,
+    /// What foyer itself reports through its metrics hook.
+    metrics: TierMetrics,
+}
+
+/// What a tier holds and has done (disk bytes: foyer's reads and writes of its files).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierUsage {
+    pub memory_used: u64,
+    pub memory_capacity: u64,
+    pub disk_capacity: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+    pub memory_evictions: u64,
+    /// The disk tier's blocks that hold entries (being written or full), in bytes.
+    pub disk_used: u64,
+    /// Blocks the disk tier reclaimed to make room, dropping the chunks in them.
+    pub disk_evictions: u64,
 }
 
 impl ChunkCache {
@@ -237,8 +269,10 @@ impl ChunkCache {
             .with_flushers(FLUSHERS)
             .with_buffer_pool_size(buffer)
             .with_submit_queue_size_threshold(SUBMIT_QUEUE_THRESHOLD.min(3 * buffer));
+        let metrics = TierMetrics::default();
         let hybrid = HybridCacheBuilder::new()
             .with_name("modelcache-chunks")
+            .with_metrics_registry(metrics.hook())
             .with_policy(HybridCachePolicy::WriteOnInsertion)
             // Chunks are written on insertion (and `persist` re-queues dropped ones), so
             // flushing the whole memory tier again at close would only duplicate them.
@@ -264,7 +298,30 @@ impl ChunkCache {
             stop,
             lander: std::sync::Mutex::new(Some(lander)),
             dir: dir.display().to_string(),
+            disk_capacity,
+            block_size: block_size as u64,
+            metrics,
         })
+    }
+
+    /// What the tier holds now and has done since it opened.
+    pub fn usage(&self) -> TierUsage {
+        TierUsage {
+            memory_used: self.hybrid.memory().usage() as u64,
+            memory_capacity: self.hybrid.memory().capacity() as u64,
+            disk_capacity: self.disk_capacity,
+            disk_read_bytes: self.hybrid.storage().statistics().disk_read_bytes() as u64,
+            disk_written_bytes: self.hybrid.storage().statistics().disk_write_bytes() as u64,
+            memory_evictions: self.metrics.get("foyer_memory_op_total", "evict"),
+            disk_used: self.block_size
+                * ["writing", "evictable"]
+                    .map(|state| self.metrics.get("foyer_storage_block_engine_block", state))
+                    .iter()
+                    .sum::<u64>(),
+            disk_evictions: self
+                .metrics
+                .raised("foyer_storage_block_engine_block", "reclaiming"),
+        }
     }
 
     /// The chunk from memory, disk, or `read` (a read of the origin); concurrent misses on
@@ -463,100 +520,6 @@ impl ChunkCache {
             .await
             .map_err(|e| tier_error(Path::new(&self.dir), format!("closing: {e}")))
     }
-}
-
-/// The disk tier's files in `dir` (foyer's file device names them `foyer-storage-…`).
-fn tier_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let io = |e| Error::io(format!("reading {}", dir.display()), e);
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("foyer-storage-")
-        {
-            files.push(entry.path());
-        }
-    }
-    Ok(files)
-}
-
-/// Refuses a tier of `capacity` bytes that the filesystem cannot hold beside what the
-/// tier's `existing` files already take.
-fn check_room(dir: &Path, capacity: u64, existing: &[std::path::PathBuf]) -> Result<()> {
-    use fs4::fs_std::FileExt;
-    let io = |what: &Path, e| Error::io(format!("reserving {}", what.display()), e);
-    let mut allocated = 0;
-    for path in existing {
-        let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
-        allocated += file.allocated_size().map_err(|e| io(path, e))?;
-    }
-    let free = fs4::available_space(dir).map_err(|e| io(dir, e))?;
-    let missing = capacity.saturating_sub(allocated);
-    if missing > free {
-        return Err(no_room(dir, missing, free));
-    }
-    Ok(())
-}
-
-fn no_room(dir: &Path, missing: u64, free: u64) -> Error {
-    Error::Config(format!(
-        "disk tier at {} needs {} MiB more and the filesystem has {} MiB free; lower \
-         --disk-capacity or --variant-capacity, or free some space",
-        dir.display(),
-        missing.div_ceil(1 << 20),
-        free >> 20
-    ))
-}
-
-/// After a failed start: removes the tier files that were not there before it.
-fn remove_new_files(dir: &Path, existing: &[std::path::PathBuf]) {
-    for path in tier_files(dir).unwrap_or_default() {
-        if !existing.contains(&path) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Allocates every file of the disk tier in full. foyer creates them sparse, so a filesystem
-/// that fills up later (the agent's downloads, other programs) would fail the tier's writes
-/// mid-flight, and foyer panics on such failures; with the blocks reserved here, a node whose
-/// tiers do not fit stops at startup with an error that says so, before allocating anything.
-fn reserve(dir: &Path) -> Result<()> {
-    use fs4::fs_std::FileExt;
-    let io = |what: &Path, e| Error::io(format!("reserving {}", what.display()), e);
-    let mut files = Vec::new();
-    let mut missing = 0;
-    for path in tier_files(dir)? {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
-        let len = file.metadata().map_err(|e| io(&path, e))?.len();
-        let allocated = file.allocated_size().map_err(|e| io(&path, e))?;
-        missing += len.saturating_sub(allocated);
-        files.push((path, file, len));
-    }
-    let free = fs4::available_space(dir).map_err(|e| io(dir, e))?;
-    if missing > free {
-        return Err(no_room(dir, missing, free));
-    }
-    for (path, file, len) in files {
-        match file.allocate(len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    "this filesystem cannot reserve the disk tier's space; the tier's writes \
-                     will fail if the filesystem fills up"
-                );
-                break;
-            }
-            Err(e) => return Err(io(&path, e)),
-        }
-    }
-    Ok(())
 }
 
 fn tier_of(source: Source) -> Tier {

@@ -11,10 +11,19 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, PeerFailure, Result};
 use crate::manifest::{ManifestStore, Revision, revision_id};
-use crate::origin::Origin;
+use crate::origin::{Origin, OriginFile};
+use crate::peers::{RemoteManifest, Routing, ask_in_rank};
+use crate::stats::NodeStats;
 use crate::tasks::Background;
+
+/// A model's files as listed: by the origin, or by the model's owner (whose manifest also
+/// brings the digests it knows).
+struct Listing {
+    files: Vec<OriginFile>,
+    remote: Option<RemoteManifest>,
+}
 
 /// What a name resolved to.
 #[derive(Clone)]
@@ -61,6 +70,10 @@ const NEGATIVE_CAPACITY: usize = 10_000;
 
 pub struct Catalog {
     origin: Arc<Origin>,
+    /// The cluster: a model another node owns is resolved through it.
+    routing: Option<Arc<dyn Routing>>,
+    /// Counts revalidations and stale serves.
+    stats: Arc<NodeStats>,
     background: Background,
     manifests: Arc<ManifestStore>,
     revalidate_after: Duration,
@@ -79,6 +92,8 @@ impl Catalog {
         manifests: Arc<ManifestStore>,
         revalidate_after: Duration,
         background: Background,
+        routing: Option<Arc<dyn Routing>>,
+        stats: Arc<NodeStats>,
     ) -> (Self, Vec<Revision>) {
         let (originals, built): (Vec<Revision>, Vec<Revision>) = manifests
             .load_all()
@@ -116,7 +131,9 @@ impl Catalog {
             models.insert(name, Arc::new(slot));
         }
         let catalog = Self {
+            stats,
             origin,
+            routing,
             background,
             manifests,
             revalidate_after,
@@ -152,13 +169,22 @@ impl Catalog {
                 stale_reason: state.stale_reason.clone(),
             })
         };
-        match cached {
+        let resolved = match cached {
             None => refresh.await.map_err(Error::Shared),
             Some(cached) => tokio::select! {
                 refreshed = refresh => refreshed.map_err(Error::Shared),
-                () = tokio::time::sleep(REVALIDATE_GRACE) => Ok(cached),
+                () = tokio::time::sleep(REVALIDATE_GRACE) => {
+                    // Served while the origin is still being asked.
+                    self.stats.stale_serve();
+                    return Ok(cached);
+                }
             },
+        };
+        if resolved.as_ref().is_ok_and(|r| r.stale_reason.is_some()) {
+            // Served although the origin could not confirm it.
+            self.stats.stale_serve();
         }
+        resolved
     }
 
     /// The listing of `name` under way, or a new one, run as a background task so that
@@ -173,6 +199,9 @@ impl Catalog {
         let name = name.to_owned();
         let task = self.background.spawn(async move {
             let bounded = task_slot.state().current.is_some();
+            if bounded {
+                this.stats.revalidation();
+            }
             let listed = if bounded {
                 tokio::time::timeout(REVALIDATE_TIMEOUT, this.list(&name))
                     .await
@@ -225,18 +254,22 @@ impl Catalog {
         &self,
         name: &str,
         slot: &Arc<ModelSlot>,
-        listed: Result<Vec<crate::origin::OriginFile>>,
+        listed: Result<Listing>,
     ) -> Result<Resolved> {
         let mut state = slot.state();
         match listed {
-            Ok(files) => {
+            Ok(Listing { files, remote }) => {
                 let revision = match state.current.as_ref() {
                     Some(cur) if cur.id == revision_id(&files) => {
                         cur.confirm();
                         cur.clone()
                     }
                     previous => {
-                        let rev = Arc::new(Revision::new(name, files, previous.map(|p| &**p)));
+                        let rev = Revision::new(name, files, previous.map(|p| &**p));
+                        if let Some(remote) = &remote {
+                            adopt_known(&rev, remote)?;
+                        }
+                        let rev = Arc::new(rev);
                         rev.confirm();
                         if let Err(e) = self.manifests.save(&rev) {
                             tracing::warn!(model = name, "could not save manifest: {e}");
@@ -253,7 +286,14 @@ impl Catalog {
                     stale_reason: None,
                 })
             }
-            Err(e @ (Error::ModelNotFound { .. } | Error::UnsafeModelPath { .. })) => {
+            Err(
+                e @ (Error::ModelNotFound { .. }
+                | Error::UnsafeModelPath { .. }
+                | Error::Peer {
+                    failure: PeerFailure::NotFound,
+                    ..
+                }),
+            ) => {
                 if state.current.take().is_some() {
                     self.manifests
                         .remove(name, modelcache_proto::reference::ORIGINAL);
@@ -349,8 +389,17 @@ impl Catalog {
         }
     }
 
+    /// Lists `name` again now (through its owner in a cluster) and waits for the listing:
+    /// the revision it found, as the next request will be served.
+    pub async fn revalidate(self: &Arc<Self>, name: &str) -> Result<Resolved> {
+        let slot = self.slot(name);
+        slot.state().validated_at = None;
+        self.refresh(name, &slot).await.map_err(Error::Shared)
+    }
+
     /// Makes the next `resolve` of `name` list the origin again: a ranged read saw that a
-    /// file changed or went away, so the revision served is out of date.
+    /// file changed or went away (or an operator said so), so the revision served may be
+    /// out of date.
     pub fn invalidate(&self, name: &str) {
         let models = self.models.lock().expect("catalog lock poisoned");
         if let Some(slot) = models.get(name) {
@@ -358,17 +407,47 @@ impl Catalog {
         }
     }
 
-    /// The model's files as the origin lists them, their paths checked.
-    async fn list(&self, name: &str) -> Result<Vec<crate::origin::OriginFile>> {
+    /// The model's files as its owner lists them: the origin's listing when this node is
+    /// the first healthy member in rank, else the manifest of the first peer in rank that
+    /// answers (the owner's revision wins); their paths checked.
+    async fn list(&self, name: &str) -> Result<Listing> {
+        if let Some(routing) = &self.routing {
+            let reference = modelcache_proto::Reference::parse(name)?;
+            let routes = routing.routes(name);
+            let what = format!("resolving {name} through a peer");
+            let remote = ask_in_rank(
+                &routes,
+                routing.as_ref(),
+                &what,
+                || {},
+                |peer| peer.resolve(&reference),
+            )
+            .await?;
+            if let Some(remote) = remote {
+                let files = remote.origin_files();
+                self.check_paths(name, &files)?;
+                return Ok(Listing {
+                    files,
+                    remote: Some(remote),
+                });
+            }
+        }
         let files = self.origin.list_model(name).await?;
+        self.check_paths(name, &files)?;
+        Ok(Listing {
+            files,
+            remote: None,
+        })
+    }
+
+    fn check_paths(&self, name: &str, files: &[OriginFile]) -> Result<()> {
         modelcache_proto::check_file_paths(files.iter().map(|f| f.path.as_str())).map_err(
             |source| Error::UnsafeModelPath {
                 name: name.to_owned(),
                 origin: self.origin.display().to_owned(),
                 source,
             },
-        )?;
-        Ok(files)
+        )
     }
 
     fn fresh(&self, slot: &ModelSlot) -> Option<Resolved> {
@@ -407,4 +486,28 @@ impl Catalog {
         names.dedup();
         names
     }
+}
+
+/// Takes what the owner knows of a revision this node just made from its manifest: the
+/// chunk digests (every chunk filled later is checked against them) and the SHA-256s.
+fn adopt_known(rev: &Revision, remote: &RemoteManifest) -> Result<()> {
+    if rev.id != remote.revision {
+        return Err(Error::Peer {
+            peer: remote.peer.clone(),
+            failure: PeerFailure::Mismatch,
+            message: format!(
+                "its manifest of {} says revision {}, its files give {} (nodes of another version?)",
+                rev.name, remote.revision, rev.id
+            ),
+        });
+    }
+    for (f, file) in remote.files.iter().enumerate() {
+        for (i, digest) in file.chunk_blake3.iter().enumerate() {
+            rev.record_digest(f, i as u64, *digest);
+        }
+        if let Some(sha) = &file.sha256 {
+            let _ = rev.files[f].sha256.set(sha.clone());
+        }
+    }
+    Ok(())
 }

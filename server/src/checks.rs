@@ -271,6 +271,8 @@ pub struct WithChecks<S> {
     due: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, (usize, OriginCheck)>>,
     /// Files before this one are complete (their checks are due or sent).
     next_file: usize,
+    /// The transfer ends before this file.
+    end_file: usize,
     /// The error that ends the stream after a mismatch was sent.
     failed: Option<crate::error::Error>,
     done: bool,
@@ -280,7 +282,7 @@ impl<S> WithChecks<S> {
     pub fn new(
         chunks: S,
         rev: Arc<Revision>,
-        first: usize,
+        files: std::ops::Range<usize>,
         checks: Arc<OriginChecks>,
         on_mismatch: Box<dyn Fn() + Send>,
     ) -> Self {
@@ -290,7 +292,8 @@ impl<S> WithChecks<S> {
             on_mismatch,
             checks,
             due: futures::stream::FuturesOrdered::new(),
-            next_file: first,
+            next_file: files.start,
+            end_file: files.end,
             failed: None,
             done: false,
         }
@@ -375,8 +378,7 @@ where
                 }
                 Poll::Ready(None) => {
                     this.chunks = None;
-                    let files = this.rev.files.len();
-                    this.complete_until(files);
+                    this.complete_until(this.end_file);
                 }
                 Poll::Pending => return Poll::Pending,
             }

@@ -13,12 +13,15 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
 use sha2::Digest;
+use tracing::Instrument;
 
 use crate::cache::{ChunkCache, ChunkValue, Tier};
 use crate::error::{Error, Result};
 use crate::fills::{FileRef, Fills};
 use crate::manifest::Revision;
-use crate::origin::Origin;
+use crate::origin::{Origin, OriginFile};
+use crate::peers::{ChunkRequest, Route, Routing, ask_in_rank};
+use crate::pins::Pins;
 use crate::stats::NodeStats;
 
 /// One chunk as read.
@@ -41,7 +44,18 @@ pub struct ChunkReader {
     /// local directory, whose reads cost no request latency and are checked for rewrites
     /// chunk by chunk).
     fills: Option<Arc<Fills>>,
+    /// The cluster: a chunk of a model another node owns is filled from that node.
+    routing: Option<Arc<dyn Routing>>,
+    /// Pinned models, read before the tiers.
+    pins: Arc<Pins>,
     stats: Arc<NodeStats>,
+}
+
+/// Where a miss is read from.
+pub struct ReaderParts {
+    pub fills: Option<Arc<Fills>>,
+    pub routing: Option<Arc<dyn Routing>>,
+    pub pins: Arc<Pins>,
 }
 
 impl ChunkReader {
@@ -50,7 +64,7 @@ impl ChunkReader {
         originals: Arc<ChunkCache>,
         built: Arc<ChunkCache>,
         parallelism: usize,
-        fills: Option<Arc<Fills>>,
+        parts: ReaderParts,
         stats: Arc<NodeStats>,
     ) -> Self {
         Self {
@@ -58,13 +72,35 @@ impl ChunkReader {
             originals,
             built,
             parallelism: parallelism.max(1),
-            fills,
+            fills: parts.fills,
+            routing: parts.routing,
+            pins: parts.pins,
             stats,
+        }
+    }
+
+    /// The members to fill a miss of model `name` from, in rank order, when another node
+    /// owns it (empty when this node does, or runs alone).
+    fn peer_routes(&self, name: &str) -> Vec<Route> {
+        match &self.routing {
+            Some(routing) => {
+                let routes = routing.routes(name);
+                if routes.first().is_none_or(Route::is_local) {
+                    Vec::new()
+                } else {
+                    routes
+                }
+            }
+            None => Vec::new(),
         }
     }
 
     pub fn origin(&self) -> &Origin {
         &self.origin
+    }
+
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
     }
 
     pub fn parallelism(&self) -> usize {
@@ -92,12 +128,67 @@ impl ChunkReader {
     /// intact is `Error::VariantEvicted` (it is removed from the tier first, so that the
     /// variant no longer counts as intact and is built again).
     pub async fn read(&self, rev: &Revision, file: usize, index: u64) -> Result<ChunkRead> {
+        let path = &rev.files[file].origin.path;
+        let span = crate::spans::chunk(&rev.name, &rev.variant, &rev.id, path, index);
+        let read = self
+            .read_traced(rev, file, index)
+            .instrument(span.clone())
+            .await;
+        if let Ok(read) = &read {
+            span.record("tier", read.tier.name());
+            span.record("bytes", read.value.data.len());
+        }
+        read
+    }
+
+    async fn read_traced(&self, rev: &Revision, file: usize, index: u64) -> Result<ChunkRead> {
         let record = &rev.files[file];
         let key = record.keys[index as usize];
         let cache = self.tier_of(rev, file);
         let expected = record.digests[index as usize].get().copied();
+        if let Some(data) = self.pins.read(rev, file, index).await {
+            let value = ChunkValue::new(data);
+            if expected.is_none_or(|d| d == value.digest) {
+                self.stats.chunk_read(record.built, Tier::Disk);
+                let completed = rev.record_digest(file, index, value.digest);
+                return Ok(ChunkRead {
+                    value,
+                    tier: Tier::Disk,
+                    completed,
+                });
+            }
+            tracing::warn!(
+                model = %rev.name, path = %record.origin.path, chunk = index,
+                "a pinned chunk failed its digest; reading it through the tiers"
+            );
+            self.stats.corrupt_chunk();
+        }
+        let peers = self.peer_routes(&rev.name);
         for _attempt in 0..2 {
-            let (value, tier) = if record.built {
+            let (value, tier) = if !peers.is_empty() {
+                let fill = PeerFill {
+                    routes: peers.clone(),
+                    name: rev.name.clone(),
+                    reference: if rev.is_original() {
+                        rev.name.clone()
+                    } else {
+                        format!("{}:{}", rev.name, rev.variant)
+                    },
+                    revision: rev.id.clone(),
+                    file: record.origin.clone(),
+                    built: record.built,
+                    index,
+                    expected,
+                    origin: self.origin.clone(),
+                    routing: self.routing.clone(),
+                    stats: self.stats.clone(),
+                    evicted: evicted(rev),
+                };
+                // foyer may run the read as a task of its own: it stays in this span.
+                cache
+                    .get_or_read(key, fill.run().instrument(tracing::Span::current()))
+                    .await?
+            } else if record.built {
                 cache.get(key).await?.ok_or_else(|| evicted(rev))?
             } else {
                 let fetch = match &self.fills {
@@ -121,7 +212,9 @@ impl ChunkReader {
                         .boxed()
                     }
                 };
-                cache.get_or_read(key, fetch).await?
+                cache
+                    .get_or_read(key, fetch.instrument(tracing::Span::current()))
+                    .await?
             };
             // A disk entry carries the digest it was written with: check the bytes too.
             let intact = (tier != Tier::Disk || value.is_intact())
@@ -138,9 +231,10 @@ impl ChunkReader {
                 }
                 continue;
             }
-            self.stats.chunk_read(tier);
+            self.stats.chunk_read(record.built, tier);
             if let Some(fills) = &self.fills
                 && !record.built
+                && peers.is_empty()
                 && index.is_multiple_of(fills.part_chunks())
             {
                 let file_ref = FileRef {
@@ -241,6 +335,65 @@ impl ChunkReader {
             })
             .await
             .cloned()
+    }
+}
+
+/// A miss of a model another node owns: filled from the first member in rank that has
+/// the chunk with the right digest; from the origin (or, for a built file, not at all)
+/// once the rank order reaches this node.
+struct PeerFill {
+    routes: Vec<Route>,
+    name: String,
+    reference: String,
+    revision: String,
+    file: OriginFile,
+    built: bool,
+    index: u64,
+    expected: Option<[u8; 32]>,
+    origin: Arc<Origin>,
+    routing: Option<Arc<dyn Routing>>,
+    stats: Arc<NodeStats>,
+    /// What a built file's miss is when no peer has it.
+    evicted: Error,
+}
+
+impl PeerFill {
+    async fn run(self) -> Result<ChunkValue> {
+        if let Some(routing) = &self.routing {
+            let what = format!(
+                "filling chunk {} of {}/{}",
+                self.index, self.reference, self.file.path
+            );
+            let filled = ask_in_rank(
+                &self.routes,
+                routing.as_ref(),
+                &what,
+                || self.stats.peer_fill_failed(),
+                |peer| {
+                    peer.chunk(ChunkRequest {
+                        reference: &self.reference,
+                        revision: &self.revision,
+                        path: &self.file.path,
+                        index: self.index,
+                        expected: self.expected,
+                    })
+                },
+            )
+            .await?;
+            if let Some(value) = filled {
+                self.stats.peer_fill(value.data.len() as u64);
+                return Ok(value);
+            }
+        }
+        if self.built {
+            return Err(self.evicted);
+        }
+        let range = crate::manifest::chunk_range(self.file.size, self.index);
+        let data = self
+            .origin
+            .read_range(&self.name, &self.file, range)
+            .await?;
+        Ok(ChunkValue::new(data))
     }
 }
 

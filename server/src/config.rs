@@ -147,9 +147,81 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_READY_FILE")]
     pub ready_file: Option<PathBuf>,
 
-    /// Log filter, `RUST_LOG` syntax.
-    #[arg(long, env = "CACHE_NODE_LOG", default_value = "info")]
-    pub log: String,
+    /// The cluster's nodes: `host:port,…`, or a DNS name that resolves to several
+    /// addresses (a compose service, a Kubernetes headless service), resolved again every
+    /// probe round. May include this node (recognised by its id), so every node can be
+    /// given the same list. None: this node runs alone.
+    #[arg(long, env = "CACHE_NODE_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// The address other nodes and agents reach this node at (`host:port`); default: the
+    /// listen address (with the host name when listening on every interface).
+    #[arg(long, env = "CACHE_NODE_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Stable id models are ranked by; default: generated once and kept in
+    /// `CACHE_DIR/node-id`.
+    #[arg(long, env = "CACHE_NODE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Time between health probes of each peer (a failing one is probed with backoff).
+    #[arg(long, env = "CACHE_NODE_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+
+    /// Longest a probe, a resolve or a chunk asked of a peer may take before the peer is
+    /// given up on (and the next in rank asked); a variant asked of its owner waits for
+    /// the build, and a dead owner is noticed by keep-alive pings at this interval.
+    #[arg(long, env = "CACHE_NODE_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// After SIGTERM or SIGINT, how long open streams may go on before they are ended with
+    /// UNAVAILABLE (agents resume on another node, or on their next run).
+    #[arg(long, env = "CACHE_NODE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Print the effective configuration (every key, its value and where it came from:
+    /// flag, environment, config file or default; secrets masked) and exit.
+    #[arg(long, env = "CACHE_NODE_PRINT_CONFIG")]
+    pub print_config: bool,
+
+    /// Serve Prometheus metrics (`/metrics`), `/healthz` and `/readyz` over HTTP on this
+    /// address, e.g. `127.0.0.1:9090`; off unless given.
+    #[arg(long, env = "CACHE_NODE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Log filter, `RUST_LOG` syntax (e.g. `info`, `warn,cache_node=debug`); when not
+    /// given: `RUST_LOG`, else the config file's `log`, else `info`.
+    #[arg(long, env = "CACHE_NODE_LOG", value_parser = parse_log_filter)]
+    pub log: Option<String>,
+
+    /// Log lines for people (`text`) or one JSON object per line (`json`).
+    #[arg(
+        long,
+        env = "CACHE_NODE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// One setting as `--print-config` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    /// The flag's name, as the config file takes it.
+    pub key: String,
+    /// Its effective value (lists comma-separated); `None` when not set.
+    pub value: Option<String>,
+    /// `flag`, `env NAME`, `file PATH`, `default` or `not set`.
+    pub source: String,
+}
+
+/// The parse in layers: flags and environment alone, then with the config file.
+struct Layers {
+    first: clap::ArgMatches,
+    matches: clap::ArgMatches,
+    file: Option<PathBuf>,
+    /// Keys the file set.
+    from_file: Vec<String>,
 }
 
 /// A list of variants, as given to `--precompute`.
@@ -172,6 +244,18 @@ fn parse_variants(s: &str) -> Result<VariantList, String> {
     Ok(VariantList(out))
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checks a log filter (`modelcache_telemetry::parse_filter`).
+pub fn parse_log_filter(s: &str) -> Result<String, String> {
+    modelcache_telemetry::parse_filter(s)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 60s, 5m)"))
 }
@@ -184,21 +268,94 @@ impl Config {
         T: Into<OsString> + Clone,
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let layers = Self::layers(&args)?;
+        Self::from_arg_matches(&layers.matches).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Every setting with its effective value and where it came from, for
+    /// `--print-config` (secrets masked).
+    pub fn describe<I, T>(args: I) -> Result<Vec<Setting>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let layers = Self::layers(&args)?;
+        let command = Self::command();
+        let mut settings = Vec::new();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version" | "print_config") {
+                continue;
+            }
+            let value = layers.matches.get_raw(id).map(|values| {
+                values
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            let value = match value {
+                Some(_) if id.contains("secret") => Some("(set, not shown)".to_owned()),
+                other => other,
+            };
+            let source = if layers.from_file.iter().any(|k| k == id) {
+                format!(
+                    "file {}",
+                    layers
+                        .file
+                        .as_deref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_default()
+                )
+            } else {
+                match layers.first.value_source(id) {
+                    Some(ValueSource::CommandLine) => "flag".to_owned(),
+                    Some(ValueSource::EnvVariable) => arg.get_env().map_or_else(
+                        || "env".to_owned(),
+                        |e| format!("env {}", e.to_string_lossy()),
+                    ),
+                    Some(ValueSource::DefaultValue) => "default".to_owned(),
+                    _ => "not set".to_owned(),
+                }
+            };
+            settings.push(Setting {
+                key: id.replace('_', "-"),
+                value,
+                source,
+            });
+        }
+        Ok(settings)
+    }
+
+    /// Flags and environment, then the config file's keys for what those left at their
+    /// defaults.
+    fn layers(args: &[OsString]) -> Result<Layers> {
         let matches = Self::command()
-            .try_get_matches_from(&args)
+            .try_get_matches_from(args)
             .map_err(|e| Error::Cli(Box::new(e)))?;
         let first = Self::from_arg_matches(&matches).map_err(|e| Error::Config(e.to_string()))?;
-        let Some(file) = &first.config else {
-            return Ok(first);
+        let Some(file) = first.config.clone() else {
+            return Ok(Layers {
+                first: matches.clone(),
+                matches,
+                file: None,
+                from_file: Vec::new(),
+            });
         };
+        let file = &file;
         let text = std::fs::read_to_string(file)
             .map_err(|e| Error::io(format!("reading config {}", file.display()), e))?;
         let table: toml::Table = text
             .parse()
             .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
-        let mut extended = args.clone();
+        let mut extended = args.to_vec();
+        let mut from_file = Vec::new();
         for (key, value) in table {
             let id = key.replace('-', "_");
+            // RUST_LOG, when set, comes before the file's `log`.
+            if id == "log" && std::env::var_os("RUST_LOG").is_some() {
+                continue;
+            }
             if Self::command()
                 .get_arguments()
                 .all(|a| a.get_id() != id.as_str())
@@ -216,14 +373,30 @@ impl Config {
             }
             let value = match value {
                 toml::Value::String(s) => s,
+                // A list (`precompute = ["int8", "fp16"]`, `peers = [...]`): the comma
+                // form the flag takes; an empty one is `none` for `precompute`.
+                toml::Value::Array(items) if items.is_empty() && id == "precompute" => {
+                    "none".to_owned()
+                }
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 other => other.to_string(),
             };
             extended.push(format!("--{}={value}", id.replace('_', "-")).into());
+            from_file.push(id);
         }
-        let matches = Self::command()
+        let last = Self::command()
             .try_get_matches_from(&extended)
             .map_err(|e| Error::Config(format!("{}: {}", file.display(), e.render())))?;
-        Self::from_arg_matches(&matches).map_err(|e| Error::Config(e.to_string()))
+        Ok(Layers {
+            first: matches,
+            matches: last,
+            file: Some(file.clone()),
+            from_file,
+        })
     }
 
     /// Every environment variable the node reads.
@@ -244,6 +417,23 @@ impl Config {
         }
     }
 
+    /// The address others reach this node at: `--advertise`, else the listen address (the
+    /// host name in place of an unspecified IP).
+    pub fn advertise_address(&self) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        if self.listen.ip().is_unspecified() {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            return format!("{host}:{}", self.listen.port());
+        }
+        self.listen.to_string()
+    }
+
     /// A configuration with defaults, for embedding and tests.
     pub fn with_origin(origin: &str, cache_dir: &std::path::Path) -> Self {
         let mut config = Self::from_args(["cache-node"]).expect("defaults parse");
@@ -256,6 +446,19 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_levels() {
+        assert!(parse_log_filter("info").is_ok());
+        assert!(parse_log_filter("INFO").is_ok());
+        assert!(parse_log_filter("warn,cache_node=debug,tower=off").is_ok());
+        assert!(
+            parse_log_filter("debgu")
+                .unwrap_err()
+                .contains("not a level")
+        );
+        assert!(parse_log_filter("cache_node=loud").is_err());
+    }
 
     #[test]
     fn file_fills_what_flags_leave_default() {
@@ -277,6 +480,60 @@ mod tests {
         assert_eq!(config.origin, "s3://models");
         assert_eq!(config.listen.port(), 9999);
         assert_eq!(config.memory_capacity, ByteSize::mib(256));
+    }
+
+    #[test]
+    fn lists_in_the_file_are_toml_arrays_or_comma_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        let parse = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::from_args(["cache-node", "--config", file.to_str().unwrap()]).unwrap()
+        };
+        let array = parse("precompute = [\"int8\", \"q8_0\"]\npeers = [\"a:7070\", \"b:7070\"]\n");
+        let comma = parse("precompute = \"int8,q8_0\"\npeers = \"a:7070,b:7070\"\n");
+        assert_eq!(array.precompute, comma.precompute);
+        assert_eq!(array.precompute.0.len(), 2);
+        assert_eq!(array.peers, ["a:7070", "b:7070"]);
+        assert_eq!(array.peers, comma.peers);
+        assert!(parse("precompute = []\n").precompute.0.is_empty());
+    }
+
+    #[test]
+    fn print_config_names_each_value_and_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "origin = \"s3://models\"\nlisten = \"0.0.0.0:7171\"\n",
+        )
+        .unwrap();
+        let settings = Config::describe([
+            "cache-node",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9999",
+            "--s3-secret-access-key",
+            "hunter2",
+        ])
+        .unwrap();
+        let get = |key: &str| settings.iter().find(|s| s.key == key).unwrap().clone();
+        assert_eq!(get("listen").value.as_deref(), Some("127.0.0.1:9999"));
+        assert_eq!(get("listen").source, "flag");
+        assert_eq!(get("origin").value.as_deref(), Some("s3://models"));
+        assert!(
+            get("origin").source.starts_with("file "),
+            "{:?}",
+            get("origin")
+        );
+        assert_eq!(get("revalidate-after").source, "default");
+        assert_eq!(get("advertise").value, None);
+        assert_eq!(
+            get("s3-secret-access-key").value.as_deref(),
+            Some("(set, not shown)")
+        );
+        assert!(settings.iter().all(|s| s.key != "print-config"));
     }
 
     #[test]

@@ -169,6 +169,14 @@ pub enum Error {
     #[error("the node is shutting down; retry on another node or once it is back")]
     ShuttingDown,
 
+    /// What a peer answered (its own message), or why it could not be asked.
+    #[error("{message} (from peer node {peer})")]
+    Peer {
+        peer: String,
+        failure: PeerFailure,
+        message: String,
+    },
+
     #[error(
         "chunk {index} of {name}/{path} fails its digest after a fresh read from the origin; \
          the origin's bytes changed without a new ETag, or this node's memory is failing"
@@ -224,11 +232,52 @@ pub enum Error {
     #[error("{0}")]
     Shared(std::sync::Arc<Error>),
 
+    #[error("{reference} is not pinned on this node")]
+    NotPinned { reference: String },
+
+    #[error(
+        "pinning {reference} needs {} MiB and {dir} has {} MiB free; unpin another model or \
+         free some space", needed.div_ceil(1 << 20), free >> 20
+    )]
+    NoRoomToPin {
+        reference: String,
+        dir: String,
+        needed: u64,
+        free: u64,
+    },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// How a request to a peer node failed: the kinds the node acts on differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerFailure {
+    /// Unreachable, timed out or stalled, or shutting down: ask the next in rank.
+    Unavailable,
+    /// The peer sent bytes that fail their digest: nothing of it is kept; ask the next.
+    Corrupt,
+    /// The peer serves another revision (or its manifest does not add up): ask the next.
+    Mismatch,
+    /// The peer says there is no such model or file: the answer for every node.
+    NotFound,
+    /// The peer refused the request as malformed or inapplicable: the answer too.
+    Refused,
+    /// The peer failed otherwise (its origin refused it, a build failed): the answer too.
+    Failed,
+}
+
+impl PeerFailure {
+    /// Whether the next member in rank may do better.
+    pub fn try_next(self) -> bool {
+        matches!(
+            self,
+            PeerFailure::Unavailable | PeerFailure::Corrupt | PeerFailure::Mismatch
+        )
+    }
 }
 
 /// What a message may quote of a client's input: its first 100 characters (a request can
@@ -267,6 +316,11 @@ impl Error {
             }
             other => other.to_string(),
         }
+    }
+
+    /// Whether a peer failed in a way that the next member in rank may not.
+    pub fn try_next_peer(&self) -> bool {
+        matches!(self.root(), Error::Peer { failure, .. } if failure.try_next())
     }
 
     /// This error, or the one a shared fetch or build handed to every waiter.

@@ -23,6 +23,7 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use modelcache_proto::{CHUNK_SIZE, chunk_count};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::buffers::{ChunkBuffer, ChunkBuffers};
 use crate::cache::{ChunkCache, ChunkKey, ChunkValue};
@@ -118,6 +119,29 @@ impl FileRef {
 }
 
 impl Fills {
+    /// Large reads for an origin where a request costs latency, as `config` sets them;
+    /// `None` for a local directory (read chunk by chunk) or parts of one chunk.
+    pub fn for_origin(
+        config: &crate::config::Config,
+        origin: &Arc<Origin>,
+        cache: &Arc<ChunkCache>,
+        background: &Background,
+    ) -> Option<Arc<Self>> {
+        (!origin.is_local() && config.origin_part_size.as_u64() > CHUNK_SIZE).then(|| {
+            Arc::new(Self::new(
+                origin.clone(),
+                cache.clone(),
+                background.clone(),
+                FillOptions {
+                    part_bytes: config.origin_part_size.as_u64(),
+                    max_requests: config.origin_max_requests,
+                    parts_ahead: config.origin_parts_ahead,
+                    max_bandwidth: config.origin_max_bandwidth.map(|b| b.as_u64()),
+                },
+            ))
+        })
+    }
+
     pub fn new(
         origin: Arc<Origin>,
         cache: Arc<ChunkCache>,
@@ -200,6 +224,7 @@ impl Fills {
         senders: Vec<oneshot::Sender<Delivered>>,
     ) {
         let this = self.clone();
+        // In the span of the chunk read that started it (`Background::spawn`).
         drop(self.background.spawn(async move {
             this.run(file, start, senders).await;
             Ok(())
@@ -307,6 +332,29 @@ impl Fills {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let range = file.chunk_range(*next).start..file.chunk_range(end - 1).end;
+        let span = crate::spans::origin_get(&file.name, &file.file.path, &range);
+        let from = *next;
+        let read = self
+            .read_part_body(file, next, end, senders, range)
+            .instrument(span.clone())
+            .await;
+        let delivered = if *next > from {
+            file.chunk_range(*next - 1).end - file.chunk_range(from).start
+        } else {
+            0
+        };
+        span.record("bytes", delivered);
+        read
+    }
+
+    async fn read_part_body(
+        &self,
+        file: &FileRef,
+        next: &mut u64,
+        end: u64,
+        senders: &mut impl Iterator<Item = oneshot::Sender<Delivered>>,
+        range: std::ops::Range<u64>,
+    ) -> Result<()> {
         let mut body = self
             .origin
             .read_stream(&file.name, &file.file, range)

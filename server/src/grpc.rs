@@ -6,10 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use modelcache_proto::v1::admin_server::AdminServer;
 use modelcache_proto::v1::model_cache_server::ModelCacheServer;
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use tokio::net::TcpListener;
 
+use crate::admin::AdminService;
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::service::NodeService;
@@ -21,12 +24,22 @@ pub struct Admission {
     pub max_connections: usize,
     pub max_streams_per_connection: u32,
     pub handshake_timeout: Duration,
+    /// How long open streams may go on after the shutdown signal.
+    pub shutdown_grace: Duration,
 }
+
+/// How long connections may stay open after the grace, once their streams were ended
+/// (a call waiting on something else, like a variant build, is cut then).
+const AFTER_GRACE: Duration = Duration::from_secs(5);
+
+/// How often pinned models are checked for a new revision.
+const PIN_CHECK: Duration = Duration::from_secs(60);
 
 /// Serves `registry` on `listener` until `shutdown` completes, then stops accepting and
 /// cuts open streams.
 pub async fn serve(
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
     listener: TcpListener,
     admission: Admission,
     shutdown: impl Future<Output = ()>,
@@ -42,9 +55,25 @@ pub async fn serve(
         );
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
+    // The process answers at once (`""` is SERVING: peers probe that); the model service
+    // is ready once the node has probed its peers, so that it ranks models as they do.
     health_reporter
-        .set_serving::<ModelCacheServer<NodeService>>()
+        .set_not_serving::<ModelCacheServer<NodeService>>()
         .await;
+    let readiness = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            cluster.wait_ready().await;
+            health_reporter
+                .set_serving::<ModelCacheServer<NodeService>>()
+                .await;
+            tracing::info!(
+                node_id = cluster.id(),
+                members = cluster.members().len(),
+                "ready"
+            );
+        })
+    };
     // Reflection in both versions clients speak (grpcurl, Python's helper, older tools
     // ask for v1alpha), describing the health service too.
     let reflection = || {
@@ -59,11 +88,42 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Config(format!("reflection: {e}")))?;
     let stats = registry.node_stats().clone();
+    let admin = AdminService::new(registry.clone(), cluster.clone());
     let trimmer = tokio::spawn(crate::trim::return_freed_memory(
         registry.read_ahead().clone(),
     ));
+    let pin_keeper = tokio::spawn(crate::pinning::keep_current(registry.clone(), PIN_CHECK));
     tracing::info!(%addr, origin = registry.origin(), "cache-node serving");
-    let service = wire::ModelCacheService::new(NodeService::new(registry), MAX_MESSAGE_SIZE);
+    // Ended when the grace after the shutdown signal is over: open streams then end with
+    // UNAVAILABLE.
+    let cut = tokio_util::sync::CancellationToken::new();
+    let service = wire::ModelCacheService::new(
+        NodeService::new(registry, cluster),
+        MAX_MESSAGE_SIZE,
+        cut.clone(),
+    );
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let grace = admission.shutdown_grace;
+    let deadline = async move {
+        if stopped.await.is_err() {
+            return std::future::pending().await;
+        }
+        tracing::info!(
+            ?grace,
+            "stopping: no new connections; open streams may finish"
+        );
+        tokio::time::sleep(grace).await;
+        tracing::warn!(
+            ?grace,
+            "--shutdown-grace is over: ending open streams with UNAVAILABLE"
+        );
+        cut.cancel();
+        tokio::time::sleep(AFTER_GRACE).await;
+    };
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -76,6 +136,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(AdminServer::new(admin))
         .serve_with_incoming_shutdown(
             listener::incoming(
                 listener,
@@ -83,9 +144,18 @@ pub async fn serve(
                 admission.handshake_timeout,
             ),
             shutdown,
-        )
-        .await
-        .map_err(|e| Error::Config(format!("gRPC server: {e}")));
-    trimmer.abort();
+        );
+    let served = tokio::select! {
+        served = served => served.map_err(|e| Error::Config(format!("gRPC server: {e}"))),
+        () = deadline => {
+            tracing::warn!("connections still open after the grace; closing them");
+            Ok(())
+        }
+    };
+    // Every task of the server stops and is waited for.
+    for task in [trimmer, readiness, pin_keeper] {
+        task.abort();
+        let _ = task.await;
+    }
     served
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use foyer::{HybridCache, StorageKey, StorageValue};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use modelcache_proto::CHUNK_SIZE;
 
@@ -136,7 +137,15 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
         }
     }
 
+    /// One round, traced: how many chunks it waited for and how many it wrote again.
     async fn round_once(&self, hybrid: &HybridCache<K, V>) {
+        let chunks = self.entries.lock().expect("landing lock").len();
+        let span = crate::spans::disk_write(&self.dir, chunks);
+        let rewritten = self.round_untraced(hybrid).instrument(span.clone()).await;
+        span.record("rewritten", rewritten);
+    }
+
+    async fn round_untraced(&self, hybrid: &HybridCache<K, V>) -> usize {
         let round = self.round.fetch_add(1, Ordering::SeqCst);
         let storage = hybrid.storage();
         storage.wait().await;
@@ -166,6 +175,7 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
                 again.push((key.clone(), entry.value.clone()));
                 true
             });
+        let rewritten = again.len();
         for (key, value) in again {
             let entry = match hybrid.memory().get(&key) {
                 Some(entry) => entry,
@@ -177,5 +187,6 @@ impl<K: StorageKey + Clone, V: StorageValue + Clone> Landing<K, V> {
             // Let the flushers gather what the next round will wait for.
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        rewritten
     }
 }

@@ -1,32 +1,39 @@
 //! The server's tower stack: layers every RPC passes through, the hand-framed `Fetch`
 //! included, since they wrap the whole router (`Server::builder().layer(…)`) rather than
-//! one generated service. Limits, access logs, trace propagation and authentication each
-//! go in as one more layer of `stack`.
+//! one generated service. Limits and authentication each go in as one more layer of
+//! `stack`.
+//!
+//! [`Observe`] gives each RPC its span (a child of the caller's `traceparent`, so a load
+//! is one trace across agent, node and peers) and its access record (`access`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
+use tonic::body::Body;
+use tonic::transport::server::TcpConnectInfo;
 use tower_layer::{Layer, Stack};
+use tracing::Instrument;
 
+use crate::access::{Access, RpcNote};
 use crate::stats::NodeStats;
 use crate::wire::FETCH_PATH;
 
 /// The stack, outermost layer last.
-pub fn stack(stats: Arc<NodeStats>) -> Stack<CountRpcs, tower_layer::Identity> {
-    Stack::new(CountRpcs { stats }, tower_layer::Identity::new())
+pub fn stack(stats: Arc<NodeStats>) -> Stack<Observe, tower_layer::Identity> {
+    Stack::new(Observe { stats }, tower_layer::Identity::new())
 }
 
-/// Counts every RPC that reaches the node (`Stats::rpcs`, `Stats::fetch_rpcs`).
 #[derive(Clone)]
-pub struct CountRpcs {
+pub struct Observe {
     stats: Arc<NodeStats>,
 }
 
-impl<S> Layer<S> for CountRpcs {
-    type Service = Counted<S>;
+impl<S> Layer<S> for Observe {
+    type Service = Observed<S>;
 
-    fn layer(&self, inner: S) -> Counted<S> {
-        Counted {
+    fn layer(&self, inner: S) -> Observed<S> {
+        Observed {
             inner,
             stats: self.stats.clone(),
         }
@@ -34,25 +41,73 @@ impl<S> Layer<S> for CountRpcs {
 }
 
 #[derive(Clone)]
-pub struct Counted<S> {
+pub struct Observed<S> {
     inner: S,
     stats: Arc<NodeStats>,
 }
 
-impl<S, B> tower_service::Service<http::Request<B>> for Counted<S>
+impl<S, B> tower_service::Service<http::Request<B>> for Observed<S>
 where
-    S: tower_service::Service<http::Request<B>>,
+    S: tower_service::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> S::Future {
-        self.stats.rpc(request.uri().path() == FETCH_PATH);
-        self.inner.call(request)
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let fetch = path == FETCH_PATH;
+        // `/modelcache.v1.ModelCache/Fetch` → `ModelCache/Fetch`.
+        let method = path
+            .trim_start_matches('/')
+            .rsplit_once('.')
+            .map_or(path, |(_, m)| m)
+            .to_owned();
+        // Health probes (peers send one every few seconds) and reflection log at debug.
+        let routine = path.starts_with("/grpc.");
+        self.stats.rpc(fetch);
+        let peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr);
+        let span = if routine {
+            tracing::debug_span!("rpc", otel.name = %method, rpc.method = %method)
+        } else {
+            tracing::info_span!(
+                "rpc",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = %method,
+                peer = peer.map(tracing::field::display),
+                reference = tracing::field::Empty,
+                bytes = tracing::field::Empty,
+                code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+        modelcache_telemetry::propagation::adopt(&span, request.headers());
+        let note = RpcNote::default();
+        request.extensions_mut().insert(note.clone());
+        let access = Access::new(
+            method,
+            peer,
+            routine,
+            fetch,
+            note,
+            span.clone(),
+            &self.stats,
+        );
+        let response = self.inner.call(request).instrument(span);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(access.observe(response))
+        })
     }
 }

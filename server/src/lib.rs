@@ -13,13 +13,21 @@
 //! Once a model was read in full, the `finisher` computes its files' SHA-256 in the
 //! background and saves the `manifest` beside the disk tier. Background work belongs to
 //! one tracker (`tasks`) that shutdown cancels and awaits.
+//!
+//! In a cluster (`--peers`), the `cluster` module probes the other nodes and ranks them
+//! for each model; the domain sees it through `peers` only: a model another node owns is
+//! resolved through that node, and its missing chunks (originals and variants) are filled
+//! from it, digests checked, instead of from the origin.
 
+pub mod access;
+pub mod admin;
 pub mod buffers;
 pub mod cache;
 pub mod catalog;
 pub mod checks;
 pub mod checksum;
 pub mod chunks;
+pub mod cluster;
 pub mod config;
 pub mod dirlock;
 pub mod error;
@@ -31,12 +39,20 @@ pub mod landing;
 pub mod layers;
 pub mod listener;
 pub mod manifest;
+pub mod metrics;
 pub mod origin;
+pub mod origin_counters;
+pub mod peers;
+pub mod pinning;
+pub mod pins;
 pub mod readahead;
 pub mod registry;
 pub mod service;
+pub mod spans;
 pub mod stats;
 pub mod tasks;
+pub mod tier_files;
+pub mod tier_metrics;
 pub mod trim;
 pub mod variants;
 pub mod wire;
@@ -51,13 +67,20 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use stats::Stats;
 
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::origin::Origin;
+use crate::peers::Routing;
 use crate::registry::Registry;
 
 /// A node's state, opened but not yet serving.
 pub struct Node {
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
+    /// `--advertise` as given; the bound address otherwise.
+    advertise: Option<String>,
     admission: grpc::Admission,
+    /// Where to serve Prometheus metrics, if anywhere.
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -69,13 +92,41 @@ impl Node {
 
     /// Like `open`, with an origin built by the caller (any `ObjectStore`).
     pub async fn with_origin(config: &Config, origin: Origin) -> Result<Self> {
-        let registry = Registry::open(config, origin).await?;
+        std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
+            Error::io(
+                format!("creating the cache dir {}", config.cache_dir.display()),
+                e,
+            )
+        })?;
+        let id = cluster::node_id(&config.cache_dir, config.node_id.as_deref())?;
+        let peers: Vec<String> = config
+            .peers
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let cluster = Cluster::new(
+            id,
+            ClusterOptions {
+                peers: peers.clone(),
+                advertise: config.advertise_address(),
+                probe_interval: config.probe_interval,
+                peer_timeout: config.peer_timeout,
+            },
+        );
+        // A node alone ranks nothing: it owns every model.
+        let routing = (!peers.is_empty()).then(|| cluster.clone() as Arc<dyn Routing>);
+        let registry = Registry::open(config, origin, routing).await?;
         Ok(Self {
             registry: Arc::new(registry),
+            cluster,
+            advertise: config.advertise.clone(),
+            metrics_listen: config.metrics_listen,
             admission: grpc::Admission {
                 max_connections: config.max_connections,
                 max_streams_per_connection: config.max_streams_per_connection,
                 handshake_timeout: config.handshake_timeout,
+                shutdown_grace: config.shutdown_grace,
             },
         })
     }
@@ -85,14 +136,49 @@ impl Node {
         &self.registry
     }
 
+    /// The cluster as this node sees it.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
     /// Serves gRPC on `listener` until `shutdown` completes, then stops accepting, cuts
-    /// open streams, finishes background work and flushes the disk tier.
+    /// open streams, finishes background work and flushes the disk tier. Probes the peers
+    /// meanwhile; the node reports ready once it probed each once.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
-        let result = grpc::serve(self.registry.clone(), listener, self.admission, shutdown).await;
+        if self.advertise.is_none()
+            && let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_unspecified()
+        {
+            self.cluster.set_advertise(addr.to_string());
+        }
+        self.cluster.start();
+        let metrics = match self.metrics_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("--metrics-listen {addr}"), e))?;
+                let (registry, cluster) = (self.registry.clone(), self.cluster.clone());
+                Some(tokio::spawn(metrics::serve(listener, registry, cluster)))
+            }
+            None => None,
+        };
+        let result = grpc::serve(
+            self.registry.clone(),
+            self.cluster.clone(),
+            listener,
+            self.admission,
+            shutdown,
+        )
+        .await;
+        if let Some(task) = metrics {
+            task.abort();
+            let _ = task.await;
+        }
+        self.cluster.stop().await;
         self.registry.shutdown().await?;
         result
     }

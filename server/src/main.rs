@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use cache_node::Config;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,11 +15,38 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if config.print_config {
+        return print_config();
+    }
+    // --log (or the config file's), else RUST_LOG, else info; a bad filter is an error.
+    let filter = match config
+        .log
+        .clone()
+        .map(Ok)
+        .or_else(modelcache_telemetry::filter_from_env)
+    {
+        Some(Ok(filter)) => filter,
+        Some(Err(e)) => {
+            eprintln!("cache-node: {e}");
+            return ExitCode::from(2);
+        }
+        None => "info".to_owned(),
+    };
+    let telemetry = match modelcache_telemetry::init(modelcache_telemetry::Options {
+        service: "cache-node",
+        filter,
+        format: match config.log_format {
+            cache_node::config::LogFormat::Json => modelcache_telemetry::LogFormat::Json,
+            cache_node::config::LogFormat::Text => modelcache_telemetry::LogFormat::Text,
+        },
+        targets: true,
+    }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("cache-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let limit = raise_open_file_limit();
     fit_connections_to(limit, &mut config);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -30,11 +56,35 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cache_node::run(config, listener, shutdown_signal()).await {
+    let ran = cache_node::run(config, listener, shutdown_signal()).await;
+    telemetry.shutdown().await;
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cache-node: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--print-config`: every key as the config file takes it, its value and its source.
+fn print_config() -> ExitCode {
+    match Config::describe(std::env::args_os()) {
+        Ok(settings) => {
+            for s in settings {
+                match s.value {
+                    Some(value) => {
+                        let line = format!("{} = {value:?}", s.key);
+                        println!("{line:<48} # {}", s.source);
+                    }
+                    None => println!("# {} = (not set)", s.key),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cache-node: {e}");
+            ExitCode::from(2)
         }
     }
 }

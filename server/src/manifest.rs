@@ -136,6 +136,16 @@ pub fn revision_id(files: &[OriginFile]) -> String {
 }
 
 impl Revision {
+    /// Every (file, chunk) of `files`, from chunk `start_chunk` of the first.
+    pub fn chunk_plan(&self, files: std::ops::Range<usize>, start_chunk: u64) -> Vec<(usize, u64)> {
+        let first = files.start;
+        let chunks = move |f: usize| {
+            let from = if f == first { start_chunk } else { 0 };
+            (from..self.files[f].keys.len() as u64).map(move |i| (f, i))
+        };
+        files.flat_map(chunks).collect()
+    }
+
     /// A revision of `files`, reusing what `previous` knew of files that did not change.
     pub fn new(name: &str, files: Vec<OriginFile>, previous: Option<&Revision>) -> Self {
         let id = revision_id(&files);

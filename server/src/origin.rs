@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,9 +14,11 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{BackoffConfig, GetOptions, GetRange, ObjectStore, RetryConfig};
+use tracing::Instrument;
 
 use crate::checksum;
 use crate::error::{Error, Result, classify, error_chain};
+use crate::origin_counters::{OriginCounters, OriginTotals};
 
 /// Connection settings for an S3 origin beyond what `AWS_*` variables give.
 #[derive(Clone, Debug, Default)]
@@ -38,16 +39,6 @@ pub struct OriginFile {
     pub etag: String,
 }
 
-/// Requests sent to the origin and bytes read from it.
-#[derive(Debug, Default)]
-struct OriginCounters {
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    /// How long the origin takes to start answering a request (a listing, or a GET's
-    /// headers), in microseconds: a moving average, weight 1/4.
-    latency_us: AtomicU64,
-}
-
 pub struct Origin {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
@@ -60,7 +51,7 @@ pub struct Origin {
     /// checksums (object_store's own `head` does not return them), and the client that
     /// sends it.
     s3: Option<(Arc<AmazonS3>, reqwest::Client)>,
-    counters: OriginCounters,
+    counters: Arc<OriginCounters>,
 }
 
 /// Retries of one origin request: a few quick ones, so that a dead origin is reported
@@ -154,7 +145,7 @@ impl Origin {
             display: display.to_owned(),
             local_root: None,
             s3: None,
-            counters: OriginCounters::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -167,12 +158,25 @@ impl Origin {
         &self.display
     }
 
-    /// Requests sent to the origin (listings and ranged GETs) and object bytes read.
-    pub fn counters(&self) -> (u64, u64) {
-        (
-            self.counters.requests.load(Ordering::Relaxed),
-            self.counters.bytes.load(Ordering::Relaxed),
-        )
+    /// Requests sent to the origin, object bytes read and failures.
+    pub fn totals(&self) -> OriginTotals {
+        self.counters.totals()
+    }
+
+    /// Whether the origin answered any request since the node started.
+    pub fn ever_answered(&self) -> bool {
+        self.counters.ever_answered()
+    }
+
+    /// One listing of the origin's top folder, to learn whether it answers.
+    pub async fn probe(&self) -> Result<()> {
+        self.counters.request();
+        let asked = std::time::Instant::now();
+        let at = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listed = self.store.list_with_delimiter(at).await;
+        listed.map_err(|e| self.counters.failed(classify(&self.display, "*", e)))?;
+        self.counters.answered(asked.elapsed());
+        Ok(())
     }
 
     fn model_prefix(&self, name: &str) -> Path {
@@ -184,15 +188,15 @@ impl Origin {
     pub async fn list_model(&self, name: &str) -> Result<Vec<OriginFile>> {
         let prefix = self.model_prefix(name);
         self.check_local_root(name)?;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.request();
         let asked = std::time::Instant::now();
         let objects: Vec<_> = self
             .store
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| classify(&self.display, name, e))?;
-        self.observe_latency(asked.elapsed());
+            .map_err(|e| self.counters.failed(classify(&self.display, name, e)))?;
+        self.counters.answered(asked.elapsed());
         let mut files = Vec::with_capacity(objects.len());
         for meta in objects {
             let Some(rel) = meta.location.prefix_match(&prefix) else {
@@ -243,7 +247,7 @@ impl Origin {
     /// Names of every model in the origin (folders that directly hold a file).
     pub async fn list_models(&self) -> Result<Vec<String>> {
         self.check_local_root("*")?;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.request();
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let objects: Vec<_> = match self.store.list(prefix).try_collect().await {
             Ok(objects) => objects,
@@ -253,7 +257,7 @@ impl Origin {
                 tracing::warn!(origin = %self.display, "the origin holds an unusable key ({source}); listing folder by folder");
                 self.list_by_folder().await?
             }
-            Err(e) => return Err(classify(&self.display, "*", e)),
+            Err(e) => return Err(self.counters.failed(classify(&self.display, "*", e))),
         };
         let mut folders = BTreeSet::new();
         for meta in objects {
@@ -292,7 +296,7 @@ impl Origin {
         let mut objects = Vec::new();
         let mut folders = vec![self.prefix.clone()];
         while let Some(folder) = folders.pop() {
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.counters.request();
             let at = (!folder.as_ref().is_empty()).then_some(&folder);
             match self.store.list_with_delimiter(at).await {
                 Ok(listed) => {
@@ -305,7 +309,7 @@ impl Origin {
                         "leaving out a folder that holds an unusable key: {source}"
                     );
                 }
-                Err(e) => return Err(classify(&self.display, "*", e)),
+                Err(e) => return Err(self.counters.failed(classify(&self.display, "*", e))),
             }
         }
         Ok(objects)
@@ -314,6 +318,21 @@ impl Origin {
     /// Reads `range` of one file, checking that the bytes come from the listed ETag and
     /// that the origin sent all of them.
     pub async fn read_range(
+        &self,
+        name: &str,
+        file: &OriginFile,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        let span = crate::spans::origin_get(name, &file.path, &range);
+        let read = self
+            .read_range_body(name, file, range)
+            .instrument(span.clone())
+            .await;
+        crate::spans::record_ok(&span, "bytes", &read, Bytes::len);
+        read
+    }
+
+    async fn read_range_body(
         &self,
         name: &str,
         file: &OriginFile,
@@ -334,14 +353,14 @@ impl Origin {
         }
         self.count_bytes(bytes.len() as u64);
         if bytes.len() as u64 != range.end - range.start {
-            return Err(Error::OriginTruncated {
+            return Err(self.counters.failed(Error::OriginTruncated {
                 origin: self.display.clone(),
                 name: name.to_owned(),
                 path: file.path.clone(),
                 start: range.start,
                 end: range.end,
                 got: bytes.len() as u64,
-            });
+            }));
         }
         Ok(bytes)
     }
@@ -360,26 +379,12 @@ impl Origin {
 
     /// How long the origin has recently taken to start answering a request.
     pub fn request_latency(&self) -> Duration {
-        Duration::from_micros(self.counters.latency_us.load(Ordering::Relaxed))
-    }
-
-    fn observe_latency(&self, latency: Duration) {
-        let sample = latency.as_micros() as u64;
-        let _ =
-            self.counters
-                .latency_us
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
-                    Some(if avg == 0 {
-                        sample
-                    } else {
-                        (3 * avg + sample) / 4
-                    })
-                });
+        self.counters.latency()
     }
 
     /// Bytes read from the origin, for its counters.
     pub fn count_bytes(&self, n: u64) {
-        self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+        self.counters.read(n);
     }
 
     /// A ranged GET, its version checked: the object's path, the version tag it answered
@@ -403,7 +408,8 @@ impl Origin {
         // connection, a reset), not an unreachable origin; a refused signature stays denied.
         let read_error = {
             let (origin, name, path) = (self.display.clone(), name.to_owned(), file.path.clone());
-            move |e: object_store::Error| match e {
+            let counters = self.counters.clone();
+            move |e: object_store::Error| match counters.failed(e) {
                 object_store::Error::NotFound { .. } => Error::OriginFileGone {
                     origin: origin.clone(),
                     name: name.clone(),
@@ -426,14 +432,14 @@ impl Origin {
                 },
             }
         };
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.request();
         let asked = std::time::Instant::now();
         let result = self
             .store
             .get_opts(&location, options)
             .await
             .map_err(read_error.clone())?;
-        self.observe_latency(asked.elapsed());
+        self.counters.answered(asked.elapsed());
         // Compare like with like: a revision built from modification times (listings
         // without ETags) is checked against the response's modification time.
         let base = if file.etag.starts_with(MODIFIED_TAG) {
@@ -481,10 +487,13 @@ impl Origin {
             end: file.size,
             detail: format!("asking for its checksum: {detail}"),
         };
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.request();
         let response = checksum::head(store, http, &location)
             .await
-            .map_err(|e| failed(error_chain(&*e)))?;
+            .map_err(|e| self.counters.failed(failed(error_chain(&*e))))?;
+        if !response.status().is_success() {
+            self.counters.failed(());
+        }
         match response.status().as_u16() {
             404 => {
                 return Err(Error::OriginFileGone {

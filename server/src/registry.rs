@@ -11,18 +11,21 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt, stream};
 use modelcache_proto::{CHUNK_SIZE, Reference};
 use modelcache_quant::Variant;
+use tracing::Instrument;
 
 use crate::cache::{ChunkCache, Tier};
 use crate::catalog::{Catalog, Resolved};
 use crate::checks::{FilePiece, OriginChecks, Sent, WithChecks};
-use crate::chunks::{ChunkRead, ChunkReader};
+use crate::chunks::{ChunkRead, ChunkReader, ReaderParts};
 use crate::config::Config;
 use crate::dirlock::DirLock;
-use crate::error::{Error, Result, quote};
-use crate::fills::{FillOptions, Fills};
+use crate::error::{Error, PeerFailure, Result, quote};
+use crate::fills::Fills;
 use crate::finisher::Finisher;
 use crate::manifest::{ManifestStore, Revision};
 use crate::origin::Origin;
+use crate::peers::{Routing, ask_in_rank};
+use crate::pins::Pins;
 use crate::readahead::{ReadAhead, ReadAheadBudget, Ticket};
 use crate::stats::{NodeStats, Stats};
 use crate::tasks::Background;
@@ -60,6 +63,9 @@ pub struct FetchRequest {
     /// Empty: from the first file.
     pub file: String,
     pub offset: u64,
+    /// Send at most this many chunks (0: to the end), and no file from `end_file` on.
+    pub max_chunks: u32,
+    pub end_file: Option<usize>,
     /// End each file with its origin check (clients of protocol 3 or later).
     pub with_checks: bool,
 }
@@ -110,55 +116,43 @@ pub struct Registry {
     stats: Arc<NodeStats>,
     /// Room for chunks streams read ahead of their clients.
     read_ahead: ReadAheadBudget,
+    /// The cluster; `None` when this node runs alone.
+    routing: Option<Arc<dyn Routing>>,
 }
 
 impl Registry {
     /// Opens the tiers under `config.cache_dir`, loads the manifests saved there, and
     /// composes the node's parts over `origin`.
-    pub async fn open(config: &Config, origin: Origin) -> Result<Self> {
+    pub async fn open(
+        config: &Config,
+        origin: Origin,
+        routing: Option<Arc<dyn Routing>>,
+    ) -> Result<Self> {
         // Before anything is created in the cache dir: a refused start leaves nothing.
         let lock = DirLock::acquire(&config.cache_dir)?;
         crate::format::prepare(&config.cache_dir)?;
-        let memory = config.memory_capacity.as_u64();
-        let originals = ChunkCache::open(
-            &config.cache_dir.join("tiers"),
-            memory,
-            config.disk_capacity.as_u64(),
-        )
-        .await?;
-        let built = ChunkCache::open(
-            &config.cache_dir.join("variants"),
-            memory / 4,
-            config.variant_capacity.as_u64(),
-        )
-        .await?;
+        let (memory, dir) = (config.memory_capacity.as_u64(), &config.cache_dir);
+        let disk = config.disk_capacity.as_u64();
+        let originals = Arc::new(ChunkCache::open(&dir.join("tiers"), memory, disk).await?);
+        let variant_disk = config.variant_capacity.as_u64();
+        let built = ChunkCache::open(&dir.join("variants"), memory / 4, variant_disk).await?;
+        let built = Arc::new(built);
         let manifests = Arc::new(ManifestStore::open(&config.cache_dir)?);
-        let stats = Arc::new(NodeStats::default());
+        let stats = Arc::new(NodeStats::watching(&originals, &built));
         let background = Background::default();
         let origin = Arc::new(origin);
-        let originals = Arc::new(originals);
-        // Large reads for origins where a request costs latency; a local directory is read
-        // chunk by chunk.
-        let fills =
-            (!origin.is_local() && config.origin_part_size.as_u64() > CHUNK_SIZE).then(|| {
-                Arc::new(Fills::new(
-                    origin.clone(),
-                    originals.clone(),
-                    background.clone(),
-                    FillOptions {
-                        part_bytes: config.origin_part_size.as_u64(),
-                        max_requests: config.origin_max_requests,
-                        parts_ahead: config.origin_parts_ahead,
-                        max_bandwidth: config.origin_max_bandwidth.map(|b| b.as_u64()),
-                    },
-                ))
-            });
+        let fills = Fills::for_origin(config, &origin, &originals, &background);
+        let pins = Arc::new(Pins::open(&dir.join("pins"))?);
         let reader = Arc::new(ChunkReader::new(
             origin.clone(),
             originals,
-            Arc::new(built),
+            built,
             config.origin_parallelism,
-            fills,
+            ReaderParts {
+                fills,
+                routing: routing.clone(),
+                pins,
+            },
             stats.clone(),
         ));
         // A build quantizes on half the cores at most, so that serving keeps the rest.
@@ -181,6 +175,8 @@ impl Registry {
             manifests.clone(),
             config.revalidate_after,
             background.clone(),
+            routing.clone(),
+            stats.clone(),
         );
         for rev in saved_variants {
             variants.restore(rev);
@@ -213,6 +209,7 @@ impl Registry {
             background,
             stats,
             read_ahead: ReadAheadBudget::for_memory_capacity(memory),
+            routing,
             _lock: lock,
         })
     }
@@ -227,8 +224,23 @@ impl Registry {
         self.reader.origin().display()
     }
 
+    /// Reads chunks through the tiers (and writes whole files, as pins do).
+    pub fn reader(&self) -> &ChunkReader {
+        &self.reader
+    }
+
+    /// The models pinned on this node.
+    pub fn pins(&self) -> &Arc<Pins> {
+        self.reader.pins()
+    }
+
+    /// The origin itself: its counters, and a probe for readiness.
+    pub fn origin_source(&self) -> &crate::origin::Origin {
+        self.reader.origin()
+    }
+
     pub fn stats(&self) -> Stats {
-        self.stats.snapshot(self.reader.origin().counters())
+        self.stats.snapshot(self.reader.origin().totals())
     }
 
     pub(crate) fn node_stats(&self) -> &Arc<NodeStats> {
@@ -238,6 +250,16 @@ impl Registry {
     /// The revision to serve for `reference`: the original, revalidated as needed, or a
     /// variant of it, built if needed.
     pub async fn resolve(self: &Arc<Self>, reference: &Reference) -> Result<Resolved> {
+        let span = crate::spans::resolve(reference);
+        let resolved = self
+            .resolve_variant(reference)
+            .instrument(span.clone())
+            .await;
+        crate::spans::record_ok(&span, "revision", &resolved, |r| r.revision.id.clone());
+        resolved
+    }
+
+    async fn resolve_variant(self: &Arc<Self>, reference: &Reference) -> Result<Resolved> {
         let variant = if reference.is_original() {
             None
         } else {
@@ -251,6 +273,15 @@ impl Registry {
         let Some(variant) = variant else {
             return Ok(resolved);
         };
+        if let Some(filled) = self
+            .owners_variant(reference, &resolved.revision, variant)
+            .await?
+        {
+            return Ok(Resolved {
+                revision: filled,
+                stale_reason: resolved.stale_reason,
+            });
+        }
         let built = self.variants.get(&resolved.revision, variant).await;
         // A build reads the original's files: it may have completed the model.
         self.finish_if_complete(&resolved.revision);
@@ -258,6 +289,59 @@ impl Registry {
             revision: built?,
             stale_reason: resolved.stale_reason,
         })
+    }
+
+    /// For a model another node owns: the owner's build of `variant` of `original`, as
+    /// this node has it or as the first member in rank that answers describes it (its
+    /// chunks are filled from there). `None` when the rank order reaches this node: it
+    /// builds the variant itself.
+    async fn owners_variant(
+        &self,
+        reference: &Reference,
+        original: &Arc<Revision>,
+        variant: Variant,
+    ) -> Result<Option<Arc<Revision>>> {
+        let Some(routing) = self.routing.as_ref().filter(|r| !r.owns(reference.name())) else {
+            return Ok(None);
+        };
+        if let Some(rev) = self
+            .variants
+            .ready_of(reference.name(), variant, &original.id)
+        {
+            return Ok(Some(rev));
+        }
+        let routes = routing.routes(reference.name());
+        let what = format!("resolving {reference} through a peer");
+        let Some(remote) = ask_in_rank(
+            &routes,
+            routing.as_ref(),
+            &what,
+            || {},
+            |peer| peer.resolve(reference),
+        )
+        .await?
+        else {
+            return Ok(None);
+        };
+        let expected = crate::manifest::variant_id(&original.id, variant);
+        if remote.revision != expected {
+            // The owner built it from another revision of the original (one of the two
+            // has not revalidated yet) or with another quantizer version.
+            return Err(Error::Peer {
+                peer: remote.peer,
+                failure: PeerFailure::Mismatch,
+                message: format!(
+                    "{reference} was built there as revision {}, but this node's original \
+                     (revision {}) gives {expected}: the nodes disagree on the original's \
+                     revision (they agree within --revalidate-after) or run other versions; \
+                     fetch again",
+                    remote.revision, original.id
+                ),
+            });
+        }
+        let rev = Arc::new(remote.variant_revision(&original.id));
+        self.variants.adopt(rev.clone());
+        Ok(Some(rev))
     }
 
     async fn resolve_original(self: &Arc<Self>, name: &str) -> Result<Resolved> {
@@ -314,14 +398,21 @@ impl Registry {
                 size: record.origin.size,
             });
         }
-        let plan = chunk_plan(&rev, start_file, request.offset / CHUNK_SIZE);
+        let end_file = request.end_file.unwrap_or(usize::MAX).min(rev.files.len());
+        let mut plan = rev.chunk_plan(start_file..end_file, request.offset / CHUNK_SIZE);
+        if request.max_chunks > 0 {
+            plan.truncate(request.max_chunks as usize);
+        }
         let this = self.clone();
+        // Chunks are read as the client's stream is polled, outside the call's span.
+        let span = tracing::Span::current();
         let read_chunk = move |(f, i): (usize, u64), ticket: Ticket| {
             let this = this.clone();
             let rev = rev.clone();
+            let span = span.clone();
             async move {
                 let read = this.chunk(&rev, f, i).await?;
-                this.stats.served(read.value.data.len() as u64);
+                this.stats.served(read.value.data.len() as u64, read.tier);
                 Ok(Chunk {
                     file_index: f as u32,
                     offset: i * CHUNK_SIZE,
@@ -330,6 +421,7 @@ impl Registry {
                     tier: read.tier,
                 })
             }
+            .instrument(span)
         };
         let chunks = ReadAhead::new(
             plan,
@@ -348,7 +440,7 @@ impl Registry {
             WithChecks::new(
                 chunks,
                 resolved.revision.clone(),
-                start_file,
+                start_file..end_file.max(start_file),
                 self.checks.clone(),
                 Box::new(move || finisher.forget(&forget)),
             )
@@ -446,14 +538,19 @@ impl Registry {
     /// Computes the digests of an original read in full, then precomputes its variants.
     fn finish(self: &Arc<Self>, rev: Arc<Revision>) {
         let variants = self.variants.clone();
-        self.finisher
-            .start(rev, move |rev| variants.precompute(rev));
+        let routing = self.routing.clone();
+        self.finisher.start(rev, move |rev| {
+            // Variants are built by the model's owner only; the others fill theirs from it.
+            if routing.as_ref().is_none_or(|r| r.owns(&rev.name)) {
+                variants.precompute(rev);
+            }
+        });
     }
 
     /// Reads every chunk of a model into the tiers (`Prefetch`).
     pub async fn warm(self: &Arc<Self>, reference: &Reference) -> Result<Warmed> {
         let rev = self.resolve(reference).await?.revision;
-        let plan = chunk_plan(&rev, 0, 0);
+        let plan = rev.chunk_plan(0..rev.files.len(), 0);
         let origin_bytes = stream::iter(plan)
             .map(|(f, i)| {
                 let rev = &rev;
@@ -518,9 +615,9 @@ impl Registry {
             .collect()
     }
 
-    /// How many models the node holds state for (names that are no model leave none).
-    pub fn known_models(&self) -> usize {
-        self.catalog.model_count()
+    /// The revisions the node trusts for its models (operator controls reach it here).
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     /// Waits until the background work started so far (digests, builds) has ended.
@@ -545,14 +642,4 @@ impl Registry {
     pub fn tier_caches(&self) -> (&ChunkCache, &ChunkCache) {
         (self.reader.originals(), self.reader.built())
     }
-}
-
-/// Every (file, chunk) from `start_file` at chunk `start_chunk` to the model's end.
-fn chunk_plan(rev: &Revision, start_file: usize, start_chunk: u64) -> Vec<(usize, u64)> {
-    let mut plan = Vec::new();
-    for (f, record) in rev.files.iter().enumerate().skip(start_file) {
-        let first = if f == start_file { start_chunk } else { 0 };
-        plan.extend((first..record.keys.len() as u64).map(|i| (f, i)));
-    }
-    plan
 }

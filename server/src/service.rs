@@ -9,27 +9,31 @@ use futures::{StreamExt, TryStreamExt};
 use modelcache_proto::parts::{self, CHECK_PROTOCOL, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
-    self, FetchResponse, ListRequest, ListResponse, PrefetchRequest, PrefetchResponse,
-    PrefetchResult, ResolveRequest, ResolveResponse, fetch_response,
+    self, FetchResponse, ListRequest, ListResponse, MembersRequest, MembersResponse,
+    PrefetchRequest, PrefetchResponse, PrefetchResult, ResolveRequest, ResolveResponse,
+    fetch_response,
 };
 use modelcache_proto::{CHUNK_SIZE, Reference};
 use modelcache_quant::Variant;
 use tonic::{Code, Request, Response, Status};
 
+use crate::access::RpcNote;
 use crate::checks::Sent;
 use crate::checksum::OriginCheck;
-use crate::error::{Error, quote};
+use crate::cluster::Cluster;
+use crate::error::{Error, PeerFailure, quote};
 use crate::manifest::{FileRecord, Provenance, Revision};
 use crate::registry::{Chunk, FetchRequest, ManifestView, ModelListing, Registry, TierCounts};
 use crate::variants::BuildState;
 
 pub struct NodeService {
     registry: Arc<Registry>,
+    cluster: Arc<Cluster>,
 }
 
 impl NodeService {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, cluster: Arc<Cluster>) -> Self {
+        Self { registry, cluster }
     }
 }
 
@@ -39,7 +43,10 @@ pub fn code(error: &Error) -> Code {
         Error::InvalidReference(_)
         | Error::UnknownVariant { .. }
         | Error::VariantNotApplicable { .. } => Code::InvalidArgument,
-        Error::ModelNotFound { .. } | Error::FileNotFound { .. } => Code::NotFound,
+        Error::ModelNotFound { .. } | Error::FileNotFound { .. } | Error::NotPinned { .. } => {
+            Code::NotFound
+        }
+        Error::NoRoomToPin { .. } => Code::ResourceExhausted,
         Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         Error::UnsafeModelPath { .. }
         | Error::OriginUnusableKey { .. }
@@ -58,6 +65,13 @@ pub fn code(error: &Error) -> Code {
         | Error::OriginChecksumMismatch { .. }
         | Error::VariantEvicted { .. } => Code::Aborted,
         Error::Shared(inner) => code(inner),
+        Error::Peer { failure, .. } => match failure {
+            PeerFailure::Unavailable | PeerFailure::Corrupt => Code::Unavailable,
+            PeerFailure::Mismatch => Code::Aborted,
+            PeerFailure::NotFound => Code::NotFound,
+            PeerFailure::Refused => Code::InvalidArgument,
+            PeerFailure::Failed => Code::FailedPrecondition,
+        },
         Error::ChunkCorrupt { .. }
         | Error::TaskFailed { .. }
         | Error::Tier { .. }
@@ -84,6 +98,7 @@ impl ModelCache for NodeService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        RpcNote::reference(request.extensions(), &request.get_ref().reference);
         let request = request.into_inner();
         let reference = parse(&request.reference)?;
         let resolved = self.registry.resolve(&reference).await?;
@@ -126,6 +141,7 @@ impl ModelCache for NodeService {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
+        RpcNote::reference(request.extensions(), &request.get_ref().reference);
         let req = request.into_inner();
         let protocol = req.protocol;
         let transfer = self
@@ -135,6 +151,8 @@ impl ModelCache for NodeService {
                 revision: req.revision,
                 file: req.file,
                 offset: req.offset,
+                max_chunks: req.max_chunks,
+                end_file: (req.end_file > 0).then_some(req.end_file as usize),
                 with_checks: protocol >= CHECK_PROTOCOL,
             })
             .await?;
@@ -173,6 +191,10 @@ impl ModelCache for NodeService {
         &self,
         request: Request<PrefetchRequest>,
     ) -> Result<Response<PrefetchResponse>, Status> {
+        RpcNote::reference(
+            request.extensions(),
+            &request.get_ref().references.join(","),
+        );
         let references = request
             .into_inner()
             .references
@@ -202,6 +224,29 @@ impl ModelCache for NodeService {
         let models = self.registry.list().await;
         Ok(Response::new(ListResponse {
             models: models.into_iter().map(model_info).collect(),
+        }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let members = self
+            .cluster
+            .members()
+            .into_iter()
+            .map(|m| v1::Member {
+                id: m.id,
+                address: m.address,
+                healthy: m.healthy,
+                local: m.local,
+                detail: m.detail,
+            })
+            .collect();
+        Ok(Response::new(MembersResponse {
+            node_id: self.cluster.id().to_owned(),
+            members,
+            ready: self.cluster.is_ready(),
         }))
     }
 }
@@ -288,6 +333,7 @@ fn manifest(view: ManifestView) -> v1::Manifest {
         variants: view.variants.into_iter().map(variant_state).collect(),
         // Set by the caller, which knows the client's protocol.
         origin_checks: false,
+        file_ranges: true,
     }
 }
 

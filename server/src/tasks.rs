@@ -18,13 +18,14 @@ pub struct Background {
 
 impl Background {
     /// Runs `work` as a task of its own, cut short with `Error::ShuttingDown` when the node
-    /// shuts down.
+    /// shuts down. It stays in the current span: work a call started is in its trace.
     pub fn spawn<T, F>(&self, work: F) -> JoinHandle<Result<T>>
     where
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let cancel = self.cancel.clone();
+        let work = tracing::Instrument::in_current_span(work);
         self.tracker.spawn(async move {
             tokio::select! {
                 () = cancel.cancelled() => Err(Error::ShuttingDown),

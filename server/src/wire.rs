@@ -14,17 +14,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt, future::BoxFuture, stream};
+use futures::{Stream, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use modelcache_proto::v1::model_cache_server::{ModelCache, ModelCacheServer};
 use modelcache_proto::v1::{FetchRequest, FetchResponse, fetch_response};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Request, Status};
 
+use crate::access::RpcNote;
 use crate::service::NodeService;
 
 /// The path tonic routes `ModelCache.Fetch` by.
@@ -34,6 +36,11 @@ const CHUNK_FIELD: u32 = 2;
 const DATA_FIELD: u32 = 3;
 /// A gRPC message's frame header: compressed flag, then the length (big-endian u32).
 const FRAME_HEADER: usize = 5;
+/// Chunk bytes of the messages already produced that go out together (see `coalesce`);
+/// a 2 MiB chunk is a batch of its own.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Pieces smaller than this are copied into one buffer with their neighbours.
+const COPY_BELOW: usize = 64 * 1024;
 /// Largest `FetchRequest` accepted (a reference, a revision, a path and an offset).
 const MAX_REQUEST: usize = 64 * 1024;
 
@@ -43,15 +50,17 @@ const MAX_REQUEST: usize = 64 * 1024;
 pub struct ModelCacheService {
     grpc: ModelCacheServer<NodeService>,
     node: Arc<NodeService>,
+    /// Cancelled when open streams must end (the shutdown grace is over).
+    cut: CancellationToken,
 }
 
 impl ModelCacheService {
-    pub fn new(node: NodeService, max_message_size: usize) -> Self {
+    pub fn new(node: NodeService, max_message_size: usize, cut: CancellationToken) -> Self {
         let node = Arc::new(node);
         let grpc = ModelCacheServer::from_arc(node.clone())
             .max_decoding_message_size(max_message_size)
             .max_encoding_message_size(max_message_size);
-        Self { grpc, node }
+        Self { grpc, node, cut }
     }
 }
 
@@ -73,8 +82,9 @@ impl tower_service::Service<http::Request<Body>> for ModelCacheService {
             return self.grpc.call(request);
         }
         let node = self.node.clone();
+        let cut = self.cut.clone();
         Box::pin(async move {
-            Ok(fetch(&node, request)
+            Ok(fetch(&node, request, cut)
                 .await
                 .unwrap_or_else(|status| status.into_http()))
         })
@@ -87,6 +97,7 @@ impl tower_service::Service<http::Request<Body>> for ModelCacheService {
 async fn fetch(
     node: &NodeService,
     request: http::Request<Body>,
+    cut: CancellationToken,
 ) -> Result<http::Response<Body>, Status> {
     let compressed = request
         .headers()
@@ -95,7 +106,8 @@ async fn fetch(
     if compressed {
         return Err(compressed_request());
     }
-    let body = Limited::new(request.into_body(), MAX_REQUEST)
+    let (parts, body) = request.into_parts();
+    let body = Limited::new(body, MAX_REQUEST)
         .collect()
         .await
         .map_err(|e| Status::invalid_argument(format!("reading the Fetch request: {e}")))?
@@ -103,30 +115,58 @@ async fn fetch(
     let message = request_message(&body)?;
     let request = FetchRequest::decode(message)
         .map_err(|e| Status::invalid_argument(format!("decoding the Fetch request: {e}")))?;
-    let messages = node.fetch(Request::new(request)).await?.into_inner();
-    // Data frames of each message, then trailers: `grpc-status` 0 after the last message,
-    // or the status of the error that ended the stream.
-    let frames = messages
-        .map_ok(|m| stream::iter(encode(m).map(|b| Ok(Frame::data(b)))))
-        .try_flatten()
-        .chain(stream::once(async { Err(Status::new(Code::Ok, "")) }))
-        .scan(false, |ended, item| {
-            let frame = match item {
-                _ if *ended => None,
-                Ok(frame) => Some(frame),
-                Err(status) => {
-                    *ended = true;
-                    Some(Frame::trailers(trailers(&status)))
-                }
-            };
-            std::future::ready(frame.map(Ok::<_, Infallible>))
-        });
+    RpcNote::reference(&parts.extensions, &request.reference);
+    let messages = until_cut(node.fetch(Request::new(request)).await?.into_inner(), cut);
+    // Data frames of the messages (those ready together coalesced), then trailers:
+    // `grpc-status` 0 after the last message, or the status of the error that ended the
+    // stream.
+    let frames = Batches {
+        messages: messages.boxed(),
+        done: false,
+    }
+    .flat_map(|batch| stream::iter(coalesce(batch)))
+    .map_ok(Frame::data)
+    .chain(stream::once(async { Err(Status::new(Code::Ok, "")) }))
+    .scan(false, |ended, item| {
+        let frame = match item {
+            _ if *ended => None,
+            Ok(frame) => Some(frame),
+            Err(status) => {
+                *ended = true;
+                Some(Frame::trailers(trailers(&status)))
+            }
+        };
+        std::future::ready(frame.map(Ok::<_, Infallible>))
+    });
     let mut response = http::Response::new(Body::new(StreamBody::new(frames)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
     Ok(response)
+}
+
+/// `messages`, ended by UNAVAILABLE once `cut` is cancelled (the node is stopping).
+fn until_cut<S>(
+    messages: S,
+    cut: CancellationToken,
+) -> impl Stream<Item = Result<FetchResponse, Status>>
+where
+    S: Stream<Item = Result<FetchResponse, Status>> + Unpin,
+{
+    stream::unfold(Some((messages, cut)), |state| async move {
+        let (mut messages, cut) = state?;
+        tokio::select! {
+            biased;
+            () = cut.cancelled() => Some((
+                Err(Status::unavailable(
+                    "the node is shutting down: resume the transfer on another node",
+                )),
+                None,
+            )),
+            item = messages.next() => item.map(|item| (item, Some((messages, cut)))),
+        }
+    })
 }
 
 /// The message of a request body holding one uncompressed gRPC message.
@@ -165,6 +205,96 @@ fn trailers(status: &Status) -> http::HeaderMap {
         );
     }
     headers
+}
+
+/// The messages of a stream in batches: those ready at once, while their chunk bytes stay
+/// under `BATCH_BYTES`. Reading on only while messages are ready and small keeps a
+/// transfer's read-ahead what it was (a large chunk is read when HTTP/2 wants it).
+struct Batches<S> {
+    messages: S,
+    done: bool,
+}
+
+impl<S> Stream for Batches<S>
+where
+    S: Stream<Item = Result<FetchResponse, Status>> + Unpin,
+{
+    type Item = Vec<Result<FetchResponse, Status>>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while bytes < BATCH_BYTES && !self.done {
+            match std::pin::Pin::new(&mut self.messages).poll_next(cx) {
+                Poll::Ready(Some(message)) => {
+                    bytes += match &message {
+                        Ok(FetchResponse {
+                            item: Some(fetch_response::Item::Chunk(chunk)),
+                        }) => chunk.data.len(),
+                        Ok(other) => other.encoded_len(),
+                        Err(_) => BATCH_BYTES,
+                    };
+                    batch.push(message);
+                }
+                Poll::Ready(None) => self.done = true,
+                Poll::Pending => break,
+            }
+        }
+        match (batch.is_empty(), self.done) {
+            (false, _) => Poll::Ready(Some(batch)),
+            (true, true) => Poll::Ready(None),
+            (true, false) => Poll::Pending,
+        }
+    }
+}
+
+/// The pieces of `batch`'s messages as HTTP/2 data: pieces under `COPY_BELOW` bytes
+/// copied together into one buffer, larger ones (chunk data) sent as they are. A model of
+/// many small files would otherwise go out as two tiny DATA frames per file, which h2
+/// clients count as abuse (`ENHANCE_YOUR_CALM`, "too_many_data_frames") when they read
+/// slower than the node sends; an error ends the batch.
+fn coalesce(mut batch: Vec<Result<FetchResponse, Status>>) -> Vec<Result<Bytes, Status>> {
+    // Alone (a large chunk, or a stream that sends one message at a time): its pieces as
+    // `encode` made them, nothing copied.
+    if batch.len() == 1 {
+        return match batch.pop() {
+            Some(Ok(message)) => encode(message).map(Ok).collect(),
+            Some(Err(status)) => vec![Err(status)],
+            None => Vec::new(),
+        };
+    }
+    let mut out = Vec::new();
+    let mut small = BytesMut::new();
+    for message in batch {
+        match message {
+            Ok(message) => {
+                for piece in encode(message) {
+                    if piece.len() < COPY_BELOW {
+                        small.extend_from_slice(&piece);
+                    } else {
+                        if !small.is_empty() {
+                            out.push(Ok(small.split().freeze()));
+                        }
+                        out.push(Ok(piece));
+                    }
+                }
+            }
+            Err(status) => {
+                if !small.is_empty() {
+                    out.push(Ok(small.split().freeze()));
+                }
+                out.push(Err(status));
+                return out;
+            }
+        }
+    }
+    if !small.is_empty() {
+        out.push(Ok(small.freeze()));
+    }
+    out
 }
 
 /// One `FetchResponse` as a gRPC message: a chunk as a head and its data, untouched;
@@ -283,5 +413,58 @@ mod tests {
             Code::InvalidArgument
         );
         assert_eq!(request_message(&[0, 0, 0, 0, 1, 42]).unwrap(), &[42]);
+    }
+
+    #[test]
+    fn small_messages_ready_together_go_out_as_one_buffer_and_chunk_data_uncopied() {
+        let chunk = |len: usize| FetchResponse {
+            item: Some(fetch_response::Item::Chunk(Chunk {
+                file_index: 1,
+                data: Bytes::from(vec![7u8; len]),
+                ..Default::default()
+            })),
+        };
+        let tiny: Vec<_> = (0..3).map(|_| Ok(chunk(3))).collect();
+        let expected: Vec<u8> = (0..3).flat_map(|_| framed(chunk(3)).to_vec()).collect();
+        let out = coalesce(tiny);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].as_ref().unwrap().as_ref(), expected.as_slice());
+
+        let big = chunk(1 << 20);
+        let data = match &big.item {
+            Some(fetch_response::Item::Chunk(c)) => c.data.clone(),
+            _ => unreachable!(),
+        };
+        let out = coalesce(vec![
+            Ok(chunk(3)),
+            Ok(big),
+            Err(Status::unavailable("gone")),
+        ]);
+        // The small message and the big one's head, the data as it was, then the error.
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1].as_ref().unwrap().as_ptr(), data.as_ptr());
+        assert_eq!(out[2].as_ref().unwrap_err().code(), Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn batches_hold_ready_messages_up_to_64_kib_of_chunk_data() {
+        let chunk = |len: usize| {
+            Ok(FetchResponse {
+                item: Some(fetch_response::Item::Chunk(Chunk {
+                    data: Bytes::from(vec![1u8; len]),
+                    ..Default::default()
+                })),
+            })
+        };
+        let messages = stream::iter(vec![chunk(3), chunk(3), chunk(2 << 20), chunk(3), chunk(3)]);
+        let sizes: Vec<usize> = Batches {
+            messages: messages.boxed(),
+            done: false,
+        }
+        .map(|batch| batch.len())
+        .collect()
+        .await;
+        // A large chunk ends a batch: the stream is not read ahead past it.
+        assert_eq!(sizes, [3, 2]);
     }
 }

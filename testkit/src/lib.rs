@@ -5,8 +5,11 @@
 //! A test usually starts with `Sandbox::start`, seeds models through the S3 API, and
 //! starts nodes with `Sandbox::node` (or `Sandbox::node_config` to change settings first).
 
-pub mod resnet;
-pub mod rng;
+/// The sample ResNet-50 (it lives in `modelcache-quant`, beside `modelcache-sample`).
+pub use modelcache_quant::sample as resnet;
+pub use modelcache_quant::sample::rng;
+pub mod metrics;
+pub mod otlp;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +56,23 @@ pub async fn seed(s3: &S3Server, name: &str, files: &ModelFiles) {
     }
 }
 
+/// A safetensors model of one `rows`×`cols` float32 tensor of values in [-0.5, 0.5]
+/// (`model.safetensors`), the same for the same seed.
+pub fn safetensors_f32(seed: u64, rows: usize, cols: usize) -> ModelFiles {
+    let values: Vec<u8> = data(seed, rows * cols)
+        .iter()
+        .flat_map(|b| (f32::from(*b) / 255.0 - 0.5).to_le_bytes())
+        .collect();
+    let header = format!(
+        r#"{{"layer.weight":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{}]}}}}"#,
+        values.len()
+    );
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(values);
+    vec![("model.safetensors".into(), file)]
+}
+
 /// Checks that `dir` holds exactly `files`, byte for byte (by SHA-256).
 pub fn assert_same_files(dir: &Path, files: &ModelFiles) {
     for (path, bytes) in files {
@@ -96,6 +116,16 @@ pub fn node_config(s3: &S3Server, cache_dir: &Path) -> Config {
     config.disk_capacity = bytesize_mib(1024);
     config.variant_capacity = bytesize_mib(256);
     config
+}
+
+/// Whether the node's S3 client (object_store) reads environment variable `var`: how the
+/// deployment files' `AWS_*` variables are checked.
+pub fn object_store_reads(var: &str) -> bool {
+    var.starts_with("AWS_")
+        && var
+            .to_ascii_lowercase()
+            .parse::<object_store::aws::AmazonS3ConfigKey>()
+            .is_ok()
 }
 
 /// Checks that the `Range` headers of an object's GETs (`bytes=A-B`, as the tap records
@@ -183,6 +213,35 @@ impl Sandbox {
     pub async fn node(&self) -> TestNode {
         TestNode::start(self.node_config()).await
     }
+
+    /// `n` nodes peering with one another (ids `node-0`, `node-1`, …; each given the
+    /// whole list, itself included), each with `node_config()` changed by `tweak`;
+    /// returned once every node sees all `n` healthy.
+    pub async fn cluster(&self, n: usize, tweak: impl Fn(&mut Config)) -> Vec<TestNode> {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let mut config = self.node_config();
+            config.peers = peers.clone();
+            config.node_id = Some(format!("node-{i}"));
+            config.probe_interval = Duration::from_millis(200);
+            config.peer_timeout = Duration::from_secs(3);
+            tweak(&mut config);
+            let node = Node::open(&config).await.expect("node opens");
+            nodes.push(TestNode::start_on(node, listener).await);
+        }
+        for node in &nodes {
+            node.wait_members(n).await;
+        }
+        nodes
+    }
 }
 
 /// A node serving in this process on `127.0.0.1:0`; shut down (and flushed) on `stop`
@@ -200,8 +259,12 @@ impl TestNode {
     }
 
     pub async fn start_with(node: Node) -> Self {
+        Self::start_on(node, TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    /// Serves `node` on `listener`.
+    pub async fn start_on(node: Node, listener: TcpListener) -> Self {
         let registry = node.registry().clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(node.serve(listener, async {
@@ -212,6 +275,35 @@ impl TestNode {
             registry,
             shutdown: Some(tx),
             task: Some(task),
+        }
+    }
+
+    /// The node's `Members` answer.
+    pub async fn members(&self) -> Result<modelcache_proto::v1::MembersResponse, tonic::Status> {
+        self.client()
+            .await
+            .members(modelcache_proto::v1::MembersRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits (up to 30 s) until the node is ready and sees `n` healthy members.
+    pub async fn wait_members(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let members = self.members().await;
+            if let Ok(m) = &members
+                && m.ready
+                && m.members.iter().filter(|m| m.healthy).count() == n
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} does not see {n} healthy members: {members:?}",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -250,8 +342,9 @@ impl TestNode {
         (dir, fetched)
     }
 
+    /// An agent that asks this node (directly, whoever owns the model).
     pub fn agent(&self, dir: &Path) -> cache_agent::Agent {
-        cache_agent::Agent::new(vec![self.url.clone()], dir)
+        cache_agent::Agent::new(vec![self.url.clone()], dir).with_direct(true)
     }
 
     pub async fn client(
@@ -296,15 +389,9 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "cache-node",
-                "-p",
-                "cache-agent",
-                "--bins",
-            ])
+            // The whole workspace, as `scripts/test` builds it: building two packages alone
+            // would unify their dependencies' features differently and compile them again.
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");
@@ -323,6 +410,18 @@ impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Child {
+    /// Sends SIGTERM and waits for the process to exit; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {} failed", self.0.id());
+        self.0.wait().expect("waiting for the process")
     }
 }
 
@@ -401,4 +500,108 @@ pub fn read_dir_files(dir: &Path) -> ModelFiles {
     let mut out = Vec::new();
     walk(dir, dir, &mut out);
     out
+}
+
+/// The `cache-node` binary against `s3` (bucket `models`) on `127.0.0.1:0`, with small
+/// tiers in `cache`; it writes its address to `ready` once serving. Stderr discarded.
+pub fn node_command(s3: &S3Server, cache: &Path, ready: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(binary("cache-node"));
+    cmd.env("CACHE_NODE_ORIGIN", format!("s3://{}", s3::BUCKET))
+        .env("CACHE_NODE_LISTEN", "127.0.0.1:0")
+        .env("CACHE_NODE_READY_FILE", ready)
+        .env("CACHE_NODE_CACHE_DIR", cache)
+        .env("CACHE_NODE_MEMORY_CAPACITY", "64MiB")
+        .env("CACHE_NODE_DISK_CAPACITY", "256MiB")
+        .env("CACHE_NODE_VARIANT_CAPACITY", "128MiB")
+        .env("AWS_ENDPOINT_URL", s3.endpoint())
+        .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
+        .env("AWS_REGION", s3::REGION)
+        .env("AWS_ALLOW_HTTP", "true")
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// A port nobody listens on now (for processes that must know each other's addresses
+/// before they start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `cmd`, which must succeed; its stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Waits until an agent's download into the model store `store` has recorded progress
+/// (its transfer is under way).
+pub async fn download_started(store: &Path) -> bool {
+    wait_for(Duration::from_secs(30), || {
+        std::fs::read_dir(store)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".progress.json"))
+    })
+    .await
+}
+
+/// `cache-agent --node NODE admin ARGS…` run to its end, with a directory of its own and
+/// no `CACHE_AGENT_NODE` or `RUST_LOG` from the test's environment.
+pub fn admin_command(node: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    std::process::Command::new(binary("cache-agent"))
+        .env_remove("CACHE_AGENT_NODE")
+        .env_remove("RUST_LOG")
+        .args(["--node", node, "--dir"])
+        .arg(dir.path())
+        .arg("admin")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A tmpfs of `size_mib` MiB mounted for the test's lifetime (needs root and `mount`, which
+/// `.ci/run` installs). Tests of full filesystems use small ones; tests that reserve large
+/// tiers use one so that they take memory for a moment instead of the build disk's space.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size_mib: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "this test mounts a tmpfs and needs root (as CI runs)"
+        );
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
 }

@@ -81,23 +81,39 @@ pub struct S3Server {
     pub addr: SocketAddr,
     pub tap: Arc<Tap>,
     tasks: JoinSet<()>,
-    root: tempfile::TempDir,
+    root: std::path::PathBuf,
+    /// The temporary directory `root` is in, for a server started by a test.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl S3Server {
+    /// A server on `127.0.0.1:0` over a new temporary directory, with the test credentials.
     pub async fn start() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
-        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
-        let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut server = Self::serve(listener, root, (ACCESS_KEY, SECRET_KEY));
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server on `listener` keeping buckets as folders of `root` (the `models` bucket
+    /// created), accepting the one key pair `credentials`.
+    pub fn serve(
+        listener: TcpListener,
+        root: std::path::PathBuf,
+        credentials: (&str, &str),
+    ) -> Self {
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let fs = s3s_fs::FileSystem::new(&root).unwrap();
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(credentials.0, credentials.1));
+        let service = builder.build();
         let addr = listener.local_addr().unwrap();
         let tap = Arc::new(Tap::default());
         let mut tasks = JoinSet::new();
         let accept_tap = tap.clone();
-        let objects = Arc::new(root.path().to_owned());
+        let objects = Arc::new(root.clone());
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -122,12 +138,18 @@ impl S3Server {
             tap,
             tasks,
             root,
+            _temp: None,
         }
+    }
+
+    /// Waits until the server stops (never, unless its listener fails).
+    pub async fn run(mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 
     /// The file that holds an object's bytes.
     pub fn object_path(&self, key: &str) -> std::path::PathBuf {
-        self.root.path().join(BUCKET).join(key)
+        self.root.join(BUCKET).join(key)
     }
 
     pub fn endpoint(&self) -> String {

@@ -217,14 +217,23 @@ async fn health_and_reflection_are_served() {
         .await
         .unwrap();
 
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: "modelcache.v1.ModelCache".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
+    // SERVING once the node finished its first round of peer probes (at once alone, but
+    // in a task of its own).
+    let mut status = 0;
+    for _ in 0..100 {
+        status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: "modelcache.v1.ModelCache".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::Serving as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(status, ServingStatus::Serving as i32);
 
     let request = ServerReflectionRequest {

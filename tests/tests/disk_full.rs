@@ -2,40 +2,11 @@
 //! behind. The node's filling up: its tiers' space was reserved at startup, so it keeps
 //! caching; tiers that do not fit are refused at startup.
 
-use std::process::Command;
-
 use cache_agent::{AgentError, Progress};
 use modelcache_proto::Reference;
 use modelcache_testkit::*;
 
 const MIB: usize = 1024 * 1024;
-
-/// A small tmpfs mounted for the test's lifetime (needs root, as CI has).
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size_mib: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("running mount");
-        assert!(
-            status.success(),
-            "this test mounts a small tmpfs and needs root (as CI runs)"
-        );
-        Self { dir }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_mid_prefetch_is_a_clear_error_and_leaves_nothing() {
@@ -46,7 +17,7 @@ async fn disk_full_mid_prefetch_is_a_clear_error_and_leaves_nothing() {
     ];
     sandbox.seed("resnet50", &files).await;
     let node = sandbox.node().await;
-    let disk = SmallDisk::mount(6);
+    let disk = Tmpfs::mount(6);
     let agent = node.agent(disk.dir.path());
     let err = agent
         .prefetch(&Reference::parse("resnet50").unwrap(), &Progress::hidden())
@@ -63,7 +34,7 @@ async fn disk_full_mid_prefetch_is_a_clear_error_and_leaves_nothing() {
     assert_eq!(leftovers, 0, "the partial download was not removed");
 
     // With room, the same agent directory works.
-    let roomy = SmallDisk::mount(64);
+    let roomy = Tmpfs::mount(64);
     let fetched = node
         .agent(roomy.dir.path())
         .prefetch(&Reference::parse("resnet50").unwrap(), &Progress::hidden())
@@ -77,7 +48,7 @@ async fn node_reserves_its_tiers_so_a_full_filesystem_loses_nothing() {
     let s3 = S3Server::start().await;
     let files: ModelFiles = vec![("model.bin".into(), data(41, 24 * MIB + 5))];
     seed(&s3, "big", &files).await;
-    let disk = SmallDisk::mount(192);
+    let disk = Tmpfs::mount(192);
     let cache_dir = disk.dir.path().join("cache");
 
     // Tiers larger than the filesystem: refused at startup, nothing allocated.

@@ -125,6 +125,13 @@ impl ModelCache for HostileNode {
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         Err(Status::unimplemented("hostile"))
     }
+
+    async fn members(
+        &self,
+        _: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Err(Status::unimplemented("hostile"))
+    }
 }
 
 async fn serve(node: HostileNode) -> (SocketAddr, tokio::task::JoinHandle<()>) {

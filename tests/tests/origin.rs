@@ -225,7 +225,7 @@ async fn unknown_names_leave_no_state_and_are_not_listed_again_at_once() {
             .unwrap_err();
         assert!(matches!(err, AgentError::NotFound { .. }), "{err:?}");
     }
-    assert_eq!(node.registry.known_models(), 0);
+    assert_eq!(node.registry.catalog().model_count(), 0);
     // A name asked for again at once is answered from the negative cache: no LIST.
     let requests = sandbox.s3.tap.requests.load(Ordering::SeqCst);
     let err = agent
@@ -244,7 +244,7 @@ async fn unknown_names_leave_no_state_and_are_not_listed_again_at_once() {
         .prefetch(&r("nosuch-199"), &Progress::hidden())
         .await
         .unwrap();
-    assert_eq!(node.registry.known_models(), 1);
+    assert_eq!(node.registry.catalog().model_count(), 1);
 }
 
 /// A local origin holding `m/model.bin`, a node on it that read the model in full and

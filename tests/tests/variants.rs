@@ -447,20 +447,7 @@ async fn precompute_builds_in_the_background_once_and_serves_from_the_variant_ti
 
 /// A safetensors model of one 3072×4096 float32 tensor (48 MiB; 12 chunks in fp16).
 fn big_safetensors(seed: u64) -> modelcache_testkit::ModelFiles {
-    let rows = 3 * 1024;
-    let cols = 4096;
-    let values: Vec<u8> = modelcache_testkit::data(seed, rows * cols)
-        .iter()
-        .flat_map(|b| (f32::from(*b) / 255.0 - 0.5).to_le_bytes())
-        .collect();
-    let header = format!(
-        r#"{{"layer.weight":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{}]}}}}"#,
-        values.len()
-    );
-    let mut file = (header.len() as u64).to_le_bytes().to_vec();
-    file.extend(header.as_bytes());
-    file.extend(values);
-    vec![("model.safetensors".into(), file)]
+    modelcache_testkit::safetensors_f32(seed, 3 * 1024, 4096)
 }
 
 /// Reads a `Fetch` stream after its manifest to the end: the bytes of its one file, each

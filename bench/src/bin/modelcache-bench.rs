@@ -71,6 +71,10 @@ struct Opts {
     /// read evicts an older one, as on a busy node.
     #[arg(long, default_value = "2GiB")]
     cold_memory: String,
+    /// Nodes and agents export their spans over OTLP to a receiver in this process (to
+    /// measure what tracing costs: compare with a run without it).
+    #[arg(long)]
+    traced: bool,
     /// The Python with onnxruntime.
     #[arg(long, default_value = "target/py-venv/bin/python")]
     python: PathBuf,
@@ -104,6 +108,10 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&opts.work);
     std::fs::create_dir_all(&opts.work)?;
     let mut table = Table::default();
+    let spans = modelcache_testkit::otlp::Receiver::default();
+    if opts.traced {
+        measure::export_spans_to(spans.start().await);
+    }
 
     eprintln!("==> S3 server (in-process s3s) and test data");
     let s3 = S3Server::start().await;
@@ -132,6 +140,12 @@ async fn main() -> Result<()> {
     }
     if opts.runs(Group::Variants) {
         variants(&opts, &s3, &mut table).await?;
+    }
+    if opts.traced {
+        footer.push_str(&format!(
+            "; traced: nodes and agents exported {} spans over OTLP/gRPC",
+            spans.spans().len()
+        ));
     }
     println!("{}", table.render(&footer));
     Ok(())

@@ -10,8 +10,25 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use modelcache_testkit::{S3Server, s3};
 
+/// Where the measured processes export their spans (`--traced`), when they do.
+static SPANS_TO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes every node and agent started from now on export its spans to `endpoint`.
+pub fn export_spans_to(endpoint: String) {
+    let _ = SPANS_TO.set(endpoint);
+}
+
+/// `cmd` exporting spans when `export_spans_to` was called.
+fn traced(cmd: &mut Command) -> &mut Command {
+    match SPANS_TO.get() {
+        Some(endpoint) => cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        None => cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    }
+}
+
 fn agent(bin: &Path, node: &str, dir: &Path, reference: &str) -> Command {
     let mut cmd = Command::new(bin.join("cache-agent"));
+    traced(&mut cmd);
     cmd.arg("--node")
         .arg(node)
         .arg("--dir")
@@ -182,7 +199,7 @@ impl NodeProcess {
 
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.ready);
-        let mut child = Command::new(self.bin.join("cache-node"))
+        let mut child = traced(&mut Command::new(self.bin.join("cache-node")))
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -5,7 +5,9 @@
 //! how far it got (`resume`) so an interrupted prefetch resumes there. Only a complete
 //! revision is published, by swapping a symlink (`Layout::install`, `Layout::publish`).
 
+mod repair;
 mod resume;
+mod reuse;
 mod stream;
 mod writer;
 
@@ -35,6 +37,8 @@ pub struct Fetched {
     pub total_size: u64,
     /// Bytes received from the node in this run (0 when already present).
     pub transferred: u64,
+    /// No node answered: this is the local copy, whose revision could not be checked.
+    pub offline: bool,
 }
 
 /// The node a transfer talks to.
@@ -74,11 +78,24 @@ pub async fn prefetch(
             })??
     };
     let rev = manifest.revision.clone();
-    if let Some(fetched) = present(layout, reference, &manifest)? {
+    if let Some(mut fetched) = present(layout, reference, &manifest)? {
+        // A check found bad chunks in it: fetch those alone.
+        if let Some(local) = layout.current(reference).filter(|l| l.revision == rev)
+            && let Some(bad) = layout.damaged(reference, &rev)
+        {
+            let conn = Connection {
+                client,
+                node,
+                idle_timeout,
+            };
+            fetched.transferred =
+                repair::repair(conn, layout, reference, &local, &bad, progress).await?;
+        }
         return Ok(fetched);
     }
 
-    let previous = layout.current(reference).map(|m| m.revision);
+    let previous_manifest = layout.current(reference);
+    let previous = previous_manifest.as_ref().map(|m| m.revision.clone());
     let keep: Vec<&str> = [Some(rev.as_str()), previous.as_deref()]
         .into_iter()
         .flatten()
@@ -93,6 +110,14 @@ pub async fn prefetch(
     });
     std::fs::create_dir_all(&partial)
         .map_err(|e| AgentError::io(format!("creating {}", partial.display()), e))?;
+    let reused = reuse::link_unchanged(
+        layout,
+        reference,
+        &manifest,
+        previous_manifest.as_ref(),
+        &partial,
+        &state,
+    );
 
     let done = state.done_bytes(&manifest);
     if done > 0 {
@@ -104,24 +129,25 @@ pub async fn prefetch(
         node,
         idle_timeout,
     };
-    let transferred = match receive(conn, layout, reference, &manifest, state, progress).await {
-        Ok(n) => n,
-        Err(e) => {
-            progress.abandon();
-            // ENOSPC: nothing of the partial download is worth keeping.
-            if let AgentError::Io { source, .. } = &e
-                && source.kind() == std::io::ErrorKind::StorageFull
-            {
-                let _ = std::fs::remove_dir_all(&partial);
-                let _ = std::fs::remove_file(&progress_path);
-                return Err(AgentError::NoSpace {
-                    dir: layout.root().display().to_string(),
-                    context: format!("writing {reference}"),
-                });
+    let transferred =
+        match receive(conn, layout, reference, &manifest, state, &reused, progress).await {
+            Ok(n) => n,
+            Err(e) => {
+                progress.abandon();
+                // ENOSPC: nothing of the partial download is worth keeping.
+                if let AgentError::Io { source, .. } = &e
+                    && source.kind() == std::io::ErrorKind::StorageFull
+                {
+                    let _ = std::fs::remove_dir_all(&partial);
+                    let _ = std::fs::remove_file(&progress_path);
+                    return Err(AgentError::NoSpace {
+                        dir: layout.root().display().to_string(),
+                        context: format!("writing {reference}"),
+                    });
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     progress.finish();
 
     let local = local_manifest(reference, &manifest, &progress_path)?;
@@ -135,6 +161,7 @@ pub async fn prefetch(
         revision: rev,
         total_size: local.total_size(),
         transferred,
+        offline: false,
     })
 }
 
@@ -166,10 +193,10 @@ fn present(layout: &Layout, reference: &Reference, m: &v1::Manifest) -> Result<O
         revision: rev.clone(),
         total_size: m.total_size,
         transferred: 0,
+        offline: false,
     };
-    if let Some(local) = layout.current(reference)
+    if let Some(local) = layout.complete_current(reference)
         && local.revision == *rev
-        && layout.is_complete(reference, &local)
     {
         tracing::info!(%reference, revision = %rev, "already present; nothing to fetch");
         return Ok(Some(fetched(layout.link(reference))));
@@ -232,26 +259,27 @@ fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Receives the rest of `m` from `state` on; returns the bytes received. With a node that
-/// sends origin checks, every file's check must arrive before the download counts as
-/// complete; a file that fails it is forgotten and the attempt ends `Aborted`, so the
-/// next one fetches it again.
+/// Receives the rest of `m` from `state` on; returns the bytes received. Files in
+/// `reused` are in place already: the node is asked for the runs of other files between
+/// them (`Fetch` up to `end_file`). With a node that sends origin checks, every file's
+/// check must arrive before the download counts as complete; a file that fails it is
+/// forgotten and the attempt ends `Aborted`, so the next one fetches it again.
 async fn receive(
     conn: Connection<'_>,
     layout: &Layout,
     reference: &Reference,
     m: &v1::Manifest,
     state: DownloadState,
+    reused: &[Option<Vec<String>>],
     progress: &Progress,
 ) -> Result<u64> {
     let (file, offset) = state.resume_at();
     let (file, offset) = normalize(m, file, offset);
-    if file == m.files.len() {
+    let n = m.files.len();
+    if file == n {
         return Ok(0);
     }
-    let mut at = Position { file, offset };
-    let opened = stream::open(conn.client, reference, m, at).await?;
-    let checks = opened.checks;
+    let checks = m.origin_checks;
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
     let writer = {
         let target = Target {
@@ -268,49 +296,75 @@ async fn receive(
         };
         tokio::task::spawn_blocking(move || writer::write_loop(rx, target, state))
     };
-    let mut items = std::pin::pin!(stream::hashed(
-        opened.stream,
-        reference,
-        conn.node,
-        conn.idle_timeout
-    ));
+    let mut at = Position { file, offset };
     // The next file whose origin check is due.
-    let mut next_check = if checks { file } else { m.files.len() };
+    let mut next_check = if checks { file } else { n };
     let mut transferred = 0u64;
     let mut failed = None;
-    while let Some(item) = items.next().await {
-        let message = match item? {
-            Received::Chunk(chunk, digest) => {
-                let verified = stream::verify(reference, m, &mut at, chunk, digest)?;
-                transferred += verified.data.len() as u64;
-                progress.inc(verified.data.len() as u64);
-                Write::Chunk(verified)
+    'segments: while at.file < n {
+        // Files in place already go to the writer as they are.
+        while at.file < n && at.offset == 0 && reused[at.file].is_some() {
+            let digests = reused[at.file].clone().unwrap_or_default();
+            if tx.send(Write::Reused(at.file, digests)).await.is_err() {
+                break 'segments;
             }
-            Received::Check(check) => {
-                let file = check_arrived(reference, at, next_check, &check)?;
-                next_check += 1;
-                if check.result() == v1::file_check::Result::Mismatch {
-                    failed = Some(AgentError::Aborted {
-                        message: format!(
-                            "{} of {reference} differs from its origin's checksum at the \
-                             node ({}); the node dropped it, fetching it again",
-                            m.files[file].path, check.detail
-                        ),
-                    });
-                    Write::Redo(file)
-                } else {
-                    if !check.detail.is_empty() {
-                        tracing::debug!(%reference, path = %m.files[file].path, "not checked against the origin: {}", check.detail);
-                    }
-                    Write::Checked(file)
-                }
+            progress.inc(m.files[at.file].size);
+            if checks {
+                next_check = at.file + 1;
             }
-        };
-        if tx.send(message).await.is_err() || failed.is_some() {
-            break; // the writer stopped; its error is reported below
+            (at.file, at.offset) = normalize(m, at.file + 1, 0);
         }
-        if at.file == m.files.len() && next_check == m.files.len() {
+        if at.file == n {
             break;
+        }
+        // The files up to the next one in place.
+        let end = (at.file + 1..n).find(|&i| reused[i].is_some()).unwrap_or(n);
+        let opened = stream::open(conn.client, reference, m, at, end).await?;
+        let mut items = std::pin::pin!(stream::hashed(
+            opened.stream,
+            reference,
+            conn.node,
+            conn.idle_timeout
+        ));
+        while let Some(item) = items.next().await {
+            let message = match item? {
+                Received::Chunk(chunk, digest) => {
+                    let verified = stream::verify(reference, m, &mut at, chunk, digest)?;
+                    let n = verified.data.len() as u64;
+                    transferred += n;
+                    progress.inc(n);
+                    progress.pace(n).await;
+                    Write::Chunk(verified)
+                }
+                Received::Check(check) => {
+                    let file = check_arrived(reference, at, next_check, &check)?;
+                    next_check += 1;
+                    if check.result() == v1::file_check::Result::Mismatch {
+                        failed = Some(AgentError::Aborted {
+                            message: format!(
+                                "{} of {reference} differs from its origin's checksum at the \
+                                 node ({}); the node dropped it, fetching it again",
+                                m.files[file].path, check.detail
+                            ),
+                        });
+                        Write::Redo(file)
+                    } else {
+                        if !check.detail.is_empty() {
+                            tracing::debug!(%reference, path = %m.files[file].path, "not checked against the origin: {}", check.detail);
+                        }
+                        Write::Checked(file)
+                    }
+                }
+            };
+            if tx.send(message).await.is_err() || failed.is_some() {
+                break 'segments; // the writer stopped; its error is reported below
+            }
+            if at.file >= end && (!checks || next_check >= end) {
+                break;
+            }
+        }
+        if at.file < end || (checks && next_check < end) {
+            break; // ended early: reported below
         }
     }
     drop(tx);
@@ -320,7 +374,7 @@ async fn receive(
     if let Some(e) = failed {
         return Err(e);
     }
-    if at.file != m.files.len() {
+    if at.file != n {
         return Err(AgentError::Unavailable {
             message: format!(
                 "the node's stream for {reference} ended early, in {} at byte {}; run again to resume",
@@ -328,7 +382,7 @@ async fn receive(
             ),
         });
     }
-    if next_check != m.files.len() {
+    if next_check != n {
         return Err(AgentError::Unavailable {
             message: format!(
                 "the node's stream for {reference} ended before the origin check of {}; run \

@@ -32,16 +32,16 @@ pub(super) struct Position {
 /// An open `Fetch`, after its manifest.
 pub(super) struct Opened {
     pub stream: tonic::Streaming<v1::FetchResponse>,
-    /// The node ends each file with a `FileCheck` (older nodes do not).
-    pub checks: bool,
 }
 
-/// Opens `Fetch` for the revision of `m` from `at`; returns the stream after its manifest.
+/// Opens `Fetch` for the revision of `m` from `at` up to file `end` (exclusive); returns
+/// the stream after its manifest.
 pub(super) async fn open(
     client: &mut NodeClient,
     reference: &Reference,
     m: &v1::Manifest,
     at: Position,
+    end: usize,
 ) -> Result<Opened> {
     let request = FetchRequest {
         reference: reference.to_string(),
@@ -49,6 +49,8 @@ pub(super) async fn open(
         offset: at.offset,
         revision: m.revision.clone(),
         protocol: CHECK_PROTOCOL,
+        max_chunks: 0,
+        end_file: if end < m.files.len() { end as u32 } else { 0 },
     };
     let older = |s| older_node(s, reference);
     let mut stream = client.fetch(request).await.map_err(older)?.into_inner();
@@ -70,10 +72,7 @@ pub(super) async fn open(
                     _ => return Err(protocol(reference, "the manifest's parts ended early")),
                 }
             }
-            Ok(Opened {
-                stream,
-                checks: fm.origin_checks,
-            })
+            Ok(Opened { stream })
         }
         Some(fetch_response::Item::Manifest(fm)) => Err(AgentError::Aborted {
             message: format!(

@@ -23,6 +23,9 @@ pub(super) enum Write {
     Checked(usize),
     /// File `.0` failed its origin check: it and everything after it are fetched again.
     Redo(usize),
+    /// File `.0` is in place already, linked from the previous revision, with these chunk
+    /// digests (verified when that revision was fetched).
+    Reused(usize, Vec<String>),
 }
 
 /// A verified chunk to write.
@@ -66,6 +69,14 @@ pub(super) fn write_loop(
             Write::Chunk(chunk) => chunk,
             Write::Checked(file) => {
                 state.checked = Some(file + 1);
+                continue;
+            }
+            Write::Reused(file, digests) => {
+                state.chunk_blake3[file] = digests;
+                (state.file, state.offset) = (file + 1, 0);
+                if state.checked == Some(file) {
+                    state.checked = Some(file + 1);
+                }
                 continue;
             }
             Write::Redo(file) => {

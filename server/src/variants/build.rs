@@ -68,7 +68,10 @@ impl VariantBuilder {
             runtime: Handle::current(),
             background: self.background.clone(),
         };
+        // The build's reads of the original stay in the build's span (its trace).
+        let span = tracing::Span::current();
         let built = tokio::task::spawn_blocking(move || {
+            let _in_build = span.enter();
             let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
             model::build(&paths, variant, &source, &options)
         })

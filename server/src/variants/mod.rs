@@ -25,6 +25,7 @@ use futures::future::{BoxFuture, Shared};
 use modelcache_proto::CHUNK_SIZE;
 use modelcache_quant::{Format, Variant};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::chunks::ChunkReader;
 use crate::error::{Error, Result};
@@ -118,12 +119,18 @@ impl VariantBuilder {
     /// A variant built before a restart, whose manifest was saved: ready again (and
     /// rebuilt when it is asked for if its chunks are gone).
     pub fn restore(&self, rev: Revision) {
+        self.adopt(Arc::new(rev));
+    }
+
+    /// A variant the model's owner built, filled from it: ready here under the name it
+    /// was asked for, and never built by this node.
+    pub fn adopt(&self, rev: Arc<Revision>) {
         let (Some(variant), Some(source)) = (Variant::parse(&rev.variant), rev.source.clone())
         else {
             return;
         };
         let name = rev.name.clone();
-        let rev: BuildResult = Ok(Arc::new(rev));
+        let rev: BuildResult = Ok(rev);
         let done = Arc::new(OnceLock::from(rev.clone()));
         let result = futures::future::ready(rev).boxed().shared();
         self.builds().insert(
@@ -134,6 +141,17 @@ impl VariantBuilder {
                 done,
             },
         );
+    }
+
+    /// The ready revision of `variant` of the model `name` made from original revision
+    /// `source`, if there is one (built here or adopted), without building anything.
+    pub fn ready_of(&self, name: &str, variant: Variant, source: &str) -> Option<Arc<Revision>> {
+        let builds = self.builds();
+        let build = builds.get(&(name.to_owned(), variant))?;
+        if build.source != source {
+            return None;
+        }
+        build.done.get()?.as_ref().ok().cloned()
     }
 
     fn builds(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Variant), Build>> {
@@ -206,11 +224,20 @@ impl VariantBuilder {
         let source = original.clone();
         let done = Arc::new(OnceLock::new());
         let record = done.clone();
+        // A child of the call that asked first (its trace shows the build).
+        let span = crate::spans::variant_build(&source.name, &variant.to_string(), &source.id);
         let task = self.background.spawn(async move {
             let name = source.name.clone();
-            let outcome = this.build(source, variant).await;
+            let started = std::time::Instant::now();
+            let outcome = this.build(source, variant).instrument(span.clone()).await;
+            this.stats.variant_build_ended(outcome.is_ok(), started.elapsed());
+            crate::spans::outcome(&span, &outcome);
             match &outcome {
-                Ok(rev) => tracing::info!(model = %name, %variant, revision = %rev.id, size = rev.total_size, "variant built"),
+                Ok(rev) => {
+                    span.record("revision", rev.id.as_str());
+                    span.record("bytes", rev.total_size);
+                    tracing::info!(model = %name, %variant, revision = %rev.id, size = rev.total_size, "variant built");
+                }
                 Err(e) => tracing::warn!(model = %name, %variant, "variant build failed: {e}"),
             }
             let outcome: BuildResult = outcome.map_err(Arc::new);

@@ -1,4 +1,5 @@
-//! A ResNet-50-shaped ONNX model (opset 13): the real topology (7×7 stem, bottleneck
+//! The sample model `modelcache-sample` writes (and the tests and the benchmark use): a
+//! ResNet-50-shaped ONNX model (opset 13): the real topology (7×7 stem, bottleneck
 //! stages of 3, 4, 6 and 3 blocks, global pooling, a 1000-way Gemm) with batch norm folded
 //! into the convolutions, about 25.5 M parameters (~100 MB).
 //!
@@ -6,15 +7,17 @@
 //! over two orders of magnitude, and a few weights are outliers, as in trained networks, so
 //! per-channel handling is exercised.
 
-use bytes::Bytes;
-use modelcache_quant::onnx_proto::{
+use crate::onnx_proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto, tensor_proto, tensor_shape_proto,
     type_proto,
 };
+use bytes::Bytes;
 use prost::Message;
 
-use crate::rng::Rng;
+pub mod rng;
+
+use rng::Rng;
 
 /// The opset the sample declares.
 pub const OPSET: i64 = 13;
