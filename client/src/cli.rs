@@ -36,6 +36,11 @@ pub struct Cli {
     #[arg(long, env = "CACHE_AGENT_OFFLINE")]
     pub offline: bool,
 
+    /// A file holding the bearer token to present to the nodes (one line); without it,
+    /// the `CACHE_AGENT_TOKEN` variable. Never a plain flag, which `ps` would show.
+    #[arg(long, env = "CACHE_AGENT_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+
     /// Output for scripts: JSON on stdout (`ls`, `stat`, `models`, `nodes`, `prefetch`,
     /// `get`, `admin`).
     #[arg(long, global = true)]

@@ -105,6 +105,10 @@ pub enum AgentError {
     #[error("{reference}: {detail}")]
     Busy { reference: String, detail: String },
 
+    /// A setting the agent cannot use (a token file that holds no token).
+    #[error("{message}")]
+    Config { message: String },
+
     /// The daemon cannot start or serve (its socket, its listener).
     #[error("{message}")]
     Daemon { message: String },

@@ -74,6 +74,8 @@ pub struct Agent {
     direct: bool,
     /// Never ask a node: local copies only.
     offline: bool,
+    /// Presented to the nodes, when they require tokens.
+    token: node::Token,
 }
 
 /// A cluster member as a node reported it, with its place in a model's rank order.
@@ -100,7 +102,21 @@ impl Agent {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             direct: false,
             offline: false,
+            token: None,
         }
+    }
+
+    /// Presents `token` to the nodes (`--token-file`, `CACHE_AGENT_TOKEN`).
+    pub fn with_token(mut self, token: &str) -> Result<Self> {
+        let header = modelcache_proto::auth::bearer(token)
+            .map_err(|message| AgentError::Config { message })?;
+        self.token = Some(header);
+        Ok(self)
+    }
+
+    /// The `authorization` header presented to the nodes, if any.
+    pub fn token(&self) -> &node::Token {
+        &self.token
     }
 
     /// With `offline`, `prefetch` and `get` return local copies (sizes checked) and never
@@ -203,7 +219,7 @@ impl Agent {
         if let Some(connected) = slot.as_ref() {
             return Ok(connected.clone());
         }
-        let connected = node::connect_from(&self.nodes, 0).await?;
+        let connected = node::connect_from(&self.nodes, 0, &self.token).await?;
         *slot = Some(connected.clone());
         Ok(connected)
     }
@@ -283,7 +299,7 @@ impl Agent {
 
     async fn prefetch_online(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
         let route = self.route(reference).await;
-        let (mut client, mut index) = node::connect_from(&route, 0).await?;
+        let (mut client, mut index) = node::connect_from(&route, 0, &self.token).await?;
         let mut attempt = 1;
         // Every node once, and a few model changes.
         let max_failovers = route.len() as u32 + 1;
@@ -311,7 +327,7 @@ impl Agent {
                 {
                     failovers += 1;
                     let from = route[index].clone();
-                    (client, index) = node::connect_from(&route, index + 1).await?;
+                    (client, index) = node::connect_from(&route, index + 1, &self.token).await?;
                     tracing::warn!(%reference, "{from}: {e}; going on with {}", route[index]);
                     continue;
                 }

@@ -42,7 +42,9 @@ async fn main() -> ExitCode {
             match e {
                 // A malformed reference, or one the node refused as such (an unknown or
                 // inapplicable variant).
-                AgentError::InvalidReference(_) | AgentError::Invalid { .. } => ExitCode::from(2),
+                AgentError::InvalidReference(_)
+                | AgentError::Invalid { .. }
+                | AgentError::Config { .. } => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -67,6 +69,19 @@ fn init_logging(cli: &Cli) -> Result<modelcache_telemetry::Telemetry, String> {
     })
 }
 
+/// The token to present: `--token-file`'s, else `CACHE_AGENT_TOKEN`, else none.
+fn token(file: Option<&std::path::Path>) -> Result<Option<String>, AgentError> {
+    if let Some(path) = file {
+        let token = modelcache_proto::auth::read_token_file(path)
+            .map_err(|message| AgentError::Config { message })?;
+        return Ok(Some(token));
+    }
+    Ok(std::env::var("CACHE_AGENT_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty()))
+}
+
 fn parse_all(references: &[String]) -> Result<Vec<Reference>, AgentError> {
     references
         .iter()
@@ -83,6 +98,10 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
         .with_direct(cli.direct)
         .with_offline(cli.offline)
         .with_idle_timeout(cli.idle_timeout);
+    let agent = match token(cli.token_file.as_deref())? {
+        Some(token) => agent.with_token(&token)?,
+        None => agent,
+    };
     let json = cli.json;
     let progress = || {
         if cli.quiet || json {
@@ -151,7 +170,7 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
         }
         Command::Models => models(&agent, json).await,
         Command::Nodes { reference } => nodes(&agent, reference, json).await,
-        Command::Admin(command) => admin(&node_urls, command, json).await,
+        Command::Admin(command) => admin(&node_urls, agent.token(), command, json).await,
     }
 }
 
@@ -177,7 +196,12 @@ async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
 
 /// `cache-agent admin …`: one line per node (`ID ADDRESS` and the revision it serves, or
 /// `error: …`), or a JSON array with `--json`; fails when the call failed on any node.
-async fn admin(nodes: &[String], command: AdminCommand, json: bool) -> Result<(), AgentError> {
+async fn admin(
+    nodes: &[String],
+    token: &cache_agent::node::Token,
+    command: AdminCommand,
+    json: bool,
+) -> Result<(), AgentError> {
     use AdminCommand::*;
     let (reference, cluster) = match &command {
         Invalidate { reference, cluster }
@@ -189,7 +213,7 @@ async fn admin(nodes: &[String], command: AdminCommand, json: bool) -> Result<()
     if !matches!(command, Pins { .. }) {
         Reference::parse(&reference)?;
     }
-    let mut client = cache_agent::node::admin(nodes).await?;
+    let mut client = cache_agent::node::admin(nodes, token).await?;
     let request = modelcache_proto::v1::AdminRequest { reference, cluster };
     let answer = match command {
         Invalidate { .. } => client.invalidate(request).await?,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use modelcache_proto::Reference;
+use modelcache_proto::auth::WithToken;
 use modelcache_proto::parts::{self, CHECK_PROTOCOL, MANIFEST_PROTOCOL, ResolveError};
 use modelcache_proto::v1;
 use modelcache_proto::v1::admin_client::AdminClient;
@@ -17,7 +18,10 @@ use crate::error::{AgentError, Result};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A node client whose calls carry the current span's trace context.
-pub type NodeClient = ModelCacheClient<Traced<Channel>>;
+pub type NodeClient = ModelCacheClient<Traced<WithToken<Channel>>>;
+
+/// The `authorization` header an agent presents to nodes, if it has a token.
+pub type Token = Option<tonic::codegen::http::HeaderValue>;
 
 /// Default node address.
 pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
@@ -28,6 +32,15 @@ fn endpoint(url: &str) -> Result<Endpoint> {
     } else {
         format!("http://{url}")
     };
+    // Never a silent downgrade: `https://` means TLS, which this agent cannot speak yet.
+    if url.starts_with("https://") {
+        return Err(AgentError::Config {
+            message: format!(
+                "{url}: https:// needs TLS, which this cache-agent does not support yet; use \
+                 http:// on a private network (docs/security.md)"
+            ),
+        });
+    }
     Endpoint::from_shared(url.clone())
         .map(|e| {
             e.connect_timeout(CONNECT_TIMEOUT)
@@ -55,24 +68,39 @@ pub fn url_of(address: &str, given: &[String]) -> String {
 }
 
 /// Connects to the first node of `nodes` that accepts a connection.
-pub async fn connect(nodes: &[String]) -> Result<NodeClient> {
-    connect_from(nodes, 0).await.map(|(client, _)| client)
+pub async fn connect(nodes: &[String], token: &Token) -> Result<NodeClient> {
+    connect_from(nodes, 0, token)
+        .await
+        .map(|(client, _)| client)
 }
 
 /// Connects to the first node that accepts a connection, trying `nodes` in order from
 /// index `first` on and then from the start; returns the client and the node's index.
-pub async fn connect_from(nodes: &[String], first: usize) -> Result<(NodeClient, usize)> {
+pub async fn connect_from(
+    nodes: &[String],
+    first: usize,
+    token: &Token,
+) -> Result<(NodeClient, usize)> {
     let (channel, index) = channel_from(nodes, first).await?;
-    let client = ModelCacheClient::new(Traced(channel))
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let client = ModelCacheClient::new(Traced(WithToken {
+        inner: channel,
+        token: token.clone(),
+    }))
+    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_MESSAGE_SIZE);
     Ok((client, index))
 }
 
 /// The operator controls of the first node of `nodes` that accepts a connection.
-pub async fn admin(nodes: &[String]) -> Result<AdminClient<Traced<Channel>>> {
+pub async fn admin(
+    nodes: &[String],
+    token: &Token,
+) -> Result<AdminClient<Traced<WithToken<Channel>>>> {
     let (channel, _) = channel_from(nodes, 0).await?;
-    Ok(AdminClient::new(Traced(channel)))
+    Ok(AdminClient::new(Traced(WithToken {
+        inner: channel,
+        token: token.clone(),
+    })))
 }
 
 /// A connection to the first node that accepts one, in the order of `connect_from`.

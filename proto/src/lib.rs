@@ -7,6 +7,7 @@
 //!
 //! Other languages generate their own stubs from the same `.proto` file (see `docs/api.md`).
 
+pub mod auth;
 pub mod parts;
 pub mod rank;
 pub mod reference;

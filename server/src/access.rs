@@ -40,6 +40,8 @@ pub struct Access {
     /// Response body bytes sent (gRPC frames).
     bytes: u64,
     code: Option<tonic::Code>,
+    /// The name of the token that let the call in, when tokens are required.
+    pub client: Option<String>,
     stats: Arc<NodeStats>,
 }
 
@@ -67,6 +69,7 @@ impl Access {
             started: Instant::now(),
             bytes: 0,
             code: None,
+            client: None,
             stats: stats.clone(),
         }
     }
@@ -91,6 +94,10 @@ impl Drop for Access {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         let code_name = code_name(code);
         self.stats.rpc_ended(&self.method, code_name);
+        if let Some(client) = &self.client {
+            self.stats.client_rpc_ended(client, code_name);
+        }
+        let client = self.client.as_deref();
         if self.fetch {
             self.stats.fetch_ended();
         }
@@ -113,6 +120,7 @@ impl Drop for Access {
                 method = %self.method,
                 reference = %reference,
                 %peer,
+                client,
                 bytes = self.bytes,
                 duration_ms = format_args!("{millis:.1}"),
                 code = %code_name,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelcache_proto::Reference;
+use modelcache_proto::auth::{Action as Scope, WithToken};
 use modelcache_proto::v1::admin_client::AdminClient;
 use modelcache_proto::v1::admin_server::Admin;
 use modelcache_proto::v1::{AdminRequest, AdminResponse, NodeOutcome, PinView};
@@ -42,7 +43,13 @@ impl AdminService {
         Self { registry, cluster }
     }
 
-    async fn act(&self, request: AdminRequest, action: Action) -> Result<AdminResponse, Status> {
+    /// `token`: the caller's own `authorization`, presented to the other members in turn.
+    async fn act(
+        &self,
+        request: AdminRequest,
+        action: Action,
+        token: Option<http::HeaderValue>,
+    ) -> Result<AdminResponse, Status> {
         let reference = match action {
             Action::ListPins => None,
             _ => Some(Reference::parse(&request.reference).map_err(Error::from)?),
@@ -76,7 +83,7 @@ impl AdminService {
                     reference: request.reference.clone(),
                     cluster: false,
                 };
-                forward(member, request, action).await
+                forward(member, request, action, token.clone()).await
             });
         }
         Ok(AdminResponse { nodes })
@@ -154,12 +161,23 @@ fn action_name(action: Action) -> &'static str {
 }
 
 /// The call on one other member (for itself only); its failure is its outcome.
-async fn forward(member: &MemberView, request: AdminRequest, action: Action) -> NodeOutcome {
+async fn forward(
+    member: &MemberView,
+    request: AdminRequest,
+    action: Action,
+    token: Option<http::HeaderValue>,
+) -> NodeOutcome {
     let address = member.address.clone();
     let call = async {
-        let mut client = AdminClient::connect(format!("http://{address}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("not an address: {e}"))?
+            .connect()
             .await
             .map_err(|e| format!("cannot reach the member: {}", error_chain(&e)))?;
+        let mut client = AdminClient::new(WithToken {
+            inner: channel,
+            token,
+        });
         let response = match action {
             Action::Invalidate => client.invalidate(request).await,
             Action::Revalidate => client.revalidate(request).await,
@@ -195,7 +213,21 @@ impl AdminService {
         action: Action,
     ) -> Result<Response<AdminResponse>, Status> {
         crate::access::RpcNote::reference(request.extensions(), &request.get_ref().reference);
-        self.act(request.into_inner(), action)
+        let name = match action {
+            Action::ListPins => None,
+            _ => Reference::parse(&request.get_ref().reference).ok(),
+        };
+        let name = name.as_ref().map(Reference::name);
+        crate::service::authorize(request.extensions(), Scope::Admin, name)?;
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok())
+            .map(|mut header| {
+                header.set_sensitive(true);
+                header
+            });
+        self.act(request.into_inner(), action, token)
             .await
             .map(Response::new)
     }

@@ -179,6 +179,17 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Bearer tokens callers must present, one grant per line:
+    /// `[name:]token[:actions[:prefixes]]` (docs/security.md); read again when the file
+    /// changes. Off unless given (every caller admitted); health checks stay open.
+    #[arg(long, env = "CACHE_NODE_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// A file holding the token this node presents to its peers (each peer's tokens file
+    /// must grant it); read at start.
+    #[arg(long, env = "CACHE_NODE_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
+
     /// Print the effective configuration (every key, its value and where it came from:
     /// flag, environment, config file or default; secrets masked) and exit.
     #[arg(long, env = "CACHE_NODE_PRINT_CONFIG")]

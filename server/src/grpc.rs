@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use modelcache_proto::auth::Tokens;
 use modelcache_proto::v1::admin_server::AdminServer;
 use modelcache_proto::v1::model_cache_server::ModelCacheServer;
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
@@ -28,6 +29,9 @@ pub struct Admission {
     pub shutdown_grace: Duration,
 }
 
+/// How often the tokens file is checked for changes.
+const TOKENS_CHECK: Duration = Duration::from_secs(1);
+
 /// How long connections may stay open after the grace, once their streams were ended
 /// (a call waiting on something else, like a variant build, is cut then).
 const AFTER_GRACE: Duration = Duration::from_secs(5);
@@ -41,19 +45,20 @@ pub async fn serve(
     registry: Arc<Registry>,
     cluster: Arc<Cluster>,
     listener: TcpListener,
-    admission: Admission,
+    (admission, tokens): (Admission, Option<Arc<Tokens>>),
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener address", e))?;
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && tokens.is_none() {
         tracing::warn!(
             %addr,
             "authentication is OFF and this node listens beyond loopback: anyone who can \
-             reach {addr} can read every model in the origin"
+             reach {addr} can read every model in the origin (--auth-tokens-file)"
         );
     }
+    let tokens_watch = tokens.clone().map(|t| tokio::spawn(watch_tokens(t)));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // The process answers at once (`""` is SERVING: peers probe that); the model service
     // is ready once the node has probed its peers, so that it ranks models as they do.
@@ -131,7 +136,7 @@ pub async fn serve(
         .max_concurrent_streams(admission.max_streams_per_connection.max(1))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(layers::stack(stats))
+        .layer(layers::stack(stats, tokens))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -153,9 +158,25 @@ pub async fn serve(
         }
     };
     // Every task of the server stops and is waited for.
-    for task in [trimmer, readiness, pin_keeper] {
+    for task in [trimmer, readiness, pin_keeper]
+        .into_iter()
+        .chain(tokens_watch)
+    {
         task.abort();
         let _ = task.await;
     }
     served
+}
+
+/// Reads the tokens file again whenever it changes (a revoked token is refused from the
+/// next call on); a file that no longer parses is logged and the earlier grants stay.
+async fn watch_tokens(tokens: Arc<Tokens>) {
+    loop {
+        tokio::time::sleep(TOKENS_CHECK).await;
+        match tokens.reload_if_changed() {
+            Ok(true) => tracing::info!(file = %tokens.path().display(), "tokens file read again"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("{e}; the tokens read before stay in force"),
+        }
+    }
 }

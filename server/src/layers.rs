@@ -4,7 +4,10 @@
 //! `stack`.
 //!
 //! [`Observe`] gives each RPC its span (a child of the caller's `traceparent`, so a load
-//! is one trace across agent, node and peers) and its access record (`access`).
+//! is one trace across agent, node and peers) and its access record (`access`), and,
+//! when the node requires tokens, lets in only a call that presents one of them (health
+//! checks excepted): the grant's [`Caller`] goes into the request's extensions, where the
+//! handlers check its scope (`service::authorize`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,18 +18,24 @@ use tonic::transport::server::TcpConnectInfo;
 use tower_layer::{Layer, Stack};
 use tracing::Instrument;
 
+use modelcache_proto::auth::{Refusal, Tokens};
+
 use crate::access::{Access, RpcNote};
 use crate::stats::NodeStats;
 use crate::wire::FETCH_PATH;
 
 /// The stack, outermost layer last.
-pub fn stack(stats: Arc<NodeStats>) -> Stack<Observe, tower_layer::Identity> {
-    Stack::new(Observe { stats }, tower_layer::Identity::new())
+pub fn stack(
+    stats: Arc<NodeStats>,
+    tokens: Option<Arc<Tokens>>,
+) -> Stack<Observe, tower_layer::Identity> {
+    Stack::new(Observe { stats, tokens }, tower_layer::Identity::new())
 }
 
 #[derive(Clone)]
 pub struct Observe {
     stats: Arc<NodeStats>,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl<S> Layer<S> for Observe {
@@ -36,6 +45,7 @@ impl<S> Layer<S> for Observe {
         Observed {
             inner,
             stats: self.stats.clone(),
+            tokens: self.tokens.clone(),
         }
     }
 }
@@ -44,6 +54,7 @@ impl<S> Layer<S> for Observe {
 pub struct Observed<S> {
     inner: S,
     stats: Arc<NodeStats>,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for Observed<S>
@@ -71,6 +82,7 @@ where
             .to_owned();
         // Health probes (peers send one every few seconds) and reflection log at debug.
         let routine = path.starts_with("/grpc.");
+        let health = path.starts_with("/grpc.health.v1.Health/");
         self.stats.rpc(fetch);
         let peer = request
             .extensions()
@@ -95,7 +107,7 @@ where
         modelcache_telemetry::propagation::adopt(&span, request.headers());
         let note = RpcNote::default();
         request.extensions_mut().insert(note.clone());
-        let access = Access::new(
+        let mut access = Access::new(
             method,
             peer,
             routine,
@@ -104,6 +116,18 @@ where
             span.clone(),
             &self.stats,
         );
+        if let Some(tokens) = self.tokens.as_ref().filter(|_| !health) {
+            match tokens.authenticate(request.headers().get(http::header::AUTHORIZATION)) {
+                Ok(caller) => {
+                    access.client = Some(caller.name.clone());
+                    request.extensions_mut().insert(caller);
+                }
+                Err(Refusal::Unknown(why) | Refusal::OutOfScope(why)) => {
+                    let refused = tonic::Status::unauthenticated(why).into_http();
+                    return Box::pin(async move { Ok(access.observe(refused)) });
+                }
+            }
+        }
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let response = response.await?;

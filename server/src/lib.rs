@@ -81,6 +81,8 @@ pub struct Node {
     admission: grpc::Admission,
     /// Where to serve Prometheus metrics, if anywhere.
     metrics_listen: Option<std::net::SocketAddr>,
+    /// The grants callers must present one of, when required.
+    tokens: Option<Arc<modelcache_proto::auth::Tokens>>,
 }
 
 impl Node {
@@ -105,6 +107,21 @@ impl Node {
             .map(|p| p.trim().to_owned())
             .filter(|p| !p.is_empty())
             .collect();
+        let tokens = config
+            .auth_tokens_file
+            .as_deref()
+            .map(modelcache_proto::auth::Tokens::load)
+            .transpose()
+            .map_err(Error::Config)?;
+        let peer_token = config
+            .peer_token_file
+            .as_deref()
+            .map(|path| {
+                let token = modelcache_proto::auth::read_token_file(path)?;
+                modelcache_proto::auth::bearer(&token)
+            })
+            .transpose()
+            .map_err(Error::Config)?;
         let cluster = Cluster::new(
             id,
             ClusterOptions {
@@ -112,6 +129,7 @@ impl Node {
                 advertise: config.advertise_address(),
                 probe_interval: config.probe_interval,
                 peer_timeout: config.peer_timeout,
+                token: peer_token,
             },
         );
         // A node alone ranks nothing: it owns every model.
@@ -122,6 +140,7 @@ impl Node {
             cluster,
             advertise: config.advertise.clone(),
             metrics_listen: config.metrics_listen,
+            tokens,
             admission: grpc::Admission {
                 max_connections: config.max_connections,
                 max_streams_per_connection: config.max_streams_per_connection,
@@ -170,7 +189,7 @@ impl Node {
             self.registry.clone(),
             self.cluster.clone(),
             listener,
-            self.admission,
+            (self.admission, self.tokens.clone()),
             shutdown,
         )
         .await;

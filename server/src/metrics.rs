@@ -268,6 +268,17 @@ impl Collector for NodeCollector {
             None,
             gauge.metric_type(),
         )?)?;
+        let by_client = live.rpcs_by_client();
+        family(
+            e,
+            "modelcache_client_rpcs",
+            "RPCs that ended, by the name of the token that let them in (--auth-tokens-file) \
+             and gRPC status code.",
+            MetricType::Counter,
+            by_client
+                .iter()
+                .map(|(client, code, n)| (vec![("client", client.as_str()), ("code", *code)], *n)),
+        )?;
         let handled = live.rpcs_by_code();
         family(
             e,

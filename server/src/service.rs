@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
+use modelcache_proto::auth::{Action, Caller, Refusal};
 use modelcache_proto::parts::{self, CHECK_PROTOCOL, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
@@ -92,6 +93,29 @@ fn parse(reference: &str) -> Result<Reference, Status> {
     Reference::parse(reference).map_err(|e| Error::from(e).into())
 }
 
+/// Whether the token that let the call in (when the node requires tokens) allows `action`
+/// on model `name`: `PERMISSION_DENIED` naming the grant's scope when it does not.
+pub fn authorize(
+    extensions: &http::Extensions,
+    action: Action,
+    name: Option<&str>,
+) -> Result<(), Status> {
+    match extensions.get::<Caller>() {
+        Some(caller) => caller.allows(action, name).map_err(|r| match r {
+            Refusal::OutOfScope(why) => Status::permission_denied(why),
+            Refusal::Unknown(why) => Status::unauthenticated(why),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The request's reference, parsed, once its caller may `action` it.
+fn allowed<T>(request: &Request<T>, reference: &str, action: Action) -> Result<Reference, Status> {
+    let reference = parse(reference)?;
+    authorize(request.extensions(), action, Some(reference.name()))?;
+    Ok(reference)
+}
+
 #[tonic::async_trait]
 impl ModelCache for NodeService {
     async fn resolve(
@@ -99,8 +123,8 @@ impl ModelCache for NodeService {
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
         RpcNote::reference(request.extensions(), &request.get_ref().reference);
+        let reference = allowed(&request, &request.get_ref().reference, Action::Fetch)?;
         let request = request.into_inner();
-        let reference = parse(&request.reference)?;
         let resolved = self.registry.resolve(&reference).await?;
         let rev = resolved.revision.clone();
         let at = if request.page_token.is_empty() {
@@ -142,12 +166,13 @@ impl ModelCache for NodeService {
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         RpcNote::reference(request.extensions(), &request.get_ref().reference);
+        let reference = allowed(&request, &request.get_ref().reference, Action::Fetch)?;
         let req = request.into_inner();
         let protocol = req.protocol;
         let transfer = self
             .registry
             .open_fetch(FetchRequest {
-                reference: parse(&req.reference)?,
+                reference,
                 revision: req.revision,
                 file: req.file,
                 offset: req.offset,
@@ -196,10 +221,10 @@ impl ModelCache for NodeService {
             &request.get_ref().references.join(","),
         );
         let references = request
-            .into_inner()
+            .get_ref()
             .references
             .iter()
-            .map(|r| parse(r))
+            .map(|r| allowed(&request, r, Action::Prefetch))
             .collect::<Result<Vec<_>, _>>()?;
         let mut results = Vec::with_capacity(references.len());
         for reference in references {
@@ -220,17 +245,24 @@ impl ModelCache for NodeService {
         Ok(Response::new(PrefetchResponse { results }))
     }
 
-    async fn list(&self, _request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        authorize(request.extensions(), Action::Fetch, None)?;
+        let caller = request.extensions().get::<Caller>();
         let models = self.registry.list().await;
         Ok(Response::new(ListResponse {
-            models: models.into_iter().map(model_info).collect(),
+            models: models
+                .into_iter()
+                .filter(|m| caller.is_none_or(|c| c.sees(&m.name)))
+                .map(model_info)
+                .collect(),
         }))
     }
 
     async fn members(
         &self,
-        _request: Request<MembersRequest>,
+        request: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
+        authorize(request.extensions(), Action::Fetch, None)?;
         let members = self
             .cluster
             .members()

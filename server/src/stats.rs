@@ -44,6 +44,8 @@ pub struct NodeStats {
     build_seconds: Histogram,
     /// RPCs that ended, by method (`ModelCache/Fetch`) and status code (`OK`).
     rpcs_by_code: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// RPCs that ended, by the name of the token that let them in and code.
+    rpcs_by_client: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// The two tiers, `originals` and `variants`, read at each scrape.
     tiers: Vec<(&'static str, Arc<ChunkCache>)>,
 }
@@ -69,6 +71,7 @@ impl Default for NodeStats {
             builds_ended: Default::default(),
             build_seconds: Histogram::new(BUILD_SECONDS_BUCKETS),
             rpcs_by_code: Mutex::default(),
+            rpcs_by_client: Mutex::default(),
             tiers: Vec::new(),
         }
     }
@@ -250,6 +253,21 @@ impl NodeStats {
     pub fn rpc_ended(&self, method: &str, code: &'static str) {
         let mut by_code = self.rpcs_by_code.lock().expect("rpc counter lock");
         *by_code.entry((method.to_owned(), code)).or_default() += 1;
+    }
+
+    /// An RPC let in by the token named `client` ended with `code`.
+    pub fn client_rpc_ended(&self, client: &str, code: &'static str) {
+        let mut by_client = self.rpcs_by_client.lock().expect("rpc counter lock");
+        *by_client.entry((client.to_owned(), code)).or_default() += 1;
+    }
+
+    /// RPCs that ended, by client and code.
+    pub fn rpcs_by_client(&self) -> Vec<(String, &'static str, u64)> {
+        let by_client = self.rpcs_by_client.lock().expect("rpc counter lock");
+        by_client
+            .iter()
+            .map(|((c, code), n)| (c.clone(), *code, *n))
+            .collect()
     }
 
     /// RPCs that ended, by method and code.

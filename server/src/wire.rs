@@ -17,6 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt, future::BoxFuture, stream};
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
+use modelcache_proto::auth::Caller;
 use modelcache_proto::v1::model_cache_server::{ModelCache, ModelCacheServer};
 use modelcache_proto::v1::{FetchRequest, FetchResponse, fetch_response};
 use prost::Message;
@@ -116,7 +117,11 @@ async fn fetch(
     let request = FetchRequest::decode(message)
         .map_err(|e| Status::invalid_argument(format!("decoding the Fetch request: {e}")))?;
     RpcNote::reference(&parts.extensions, &request.reference);
-    let messages = until_cut(node.fetch(Request::new(request)).await?.into_inner(), cut);
+    let mut request = Request::new(request);
+    if let Some(caller) = parts.extensions.get::<Caller>() {
+        request.extensions_mut().insert(caller.clone());
+    }
+    let messages = until_cut(node.fetch(request).await?.into_inner(), cut);
     // Data frames of the messages (those ready together coalesced), then trailers:
     // `grpc-status` 0 after the last message, or the status of the error that ended the
     // stream.

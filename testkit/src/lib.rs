@@ -249,6 +249,7 @@ impl Sandbox {
 pub struct TestNode {
     pub url: String,
     pub registry: Arc<Registry>,
+    pub cluster: Arc<cache_node::cluster::Cluster>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<cache_node::Result<()>>>,
 }
@@ -265,6 +266,7 @@ impl TestNode {
     /// Serves `node` on `listener`.
     pub async fn start_on(node: Node, listener: TcpListener) -> Self {
         let registry = node.registry().clone();
+        let cluster = node.cluster().clone();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(node.serve(listener, async {
@@ -273,6 +275,7 @@ impl TestNode {
         Self {
             url,
             registry,
+            cluster,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -287,15 +290,13 @@ impl TestNode {
             .map(tonic::Response::into_inner)
     }
 
-    /// Waits (up to 30 s) until the node is ready and sees `n` healthy members.
+    /// Waits (up to 30 s) until the node is ready and sees `n` healthy members (as the
+    /// node itself sees them: no call, so no token needed).
     pub async fn wait_members(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let members = self.members().await;
-            if let Ok(m) = &members
-                && m.ready
-                && m.members.iter().filter(|m| m.healthy).count() == n
-            {
+            let members = self.cluster.members();
+            if self.cluster.is_ready() && members.iter().filter(|m| m.healthy).count() == n {
                 return;
             }
             assert!(

@@ -41,7 +41,9 @@ pub fn status_of(e: &AgentError) -> Status {
         AgentError::Protocol { .. } | AgentError::Integrity { .. } | AgentError::Corrupt { .. } => {
             Code::DataLoss
         }
-        AgentError::Io { .. } | AgentError::Daemon { .. } => Code::Internal,
+        AgentError::Io { .. } | AgentError::Daemon { .. } | AgentError::Config { .. } => {
+            Code::Internal
+        }
     };
     Status::new(code, e.to_string())
 }

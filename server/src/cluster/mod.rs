@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use modelcache_proto::auth::WithToken;
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
 use modelcache_proto::v1::{MembersRequest, MembersResponse};
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
@@ -48,6 +49,8 @@ pub struct ClusterOptions {
     pub probe_interval: Duration,
     /// Longest a probe, or a request to a peer, may take.
     pub peer_timeout: Duration,
+    /// The `authorization` header this node presents to its peers (`--peer-token-file`).
+    pub token: Option<http::HeaderValue>,
 }
 
 /// Longest wait between probes of an address that keeps failing.
@@ -286,11 +289,14 @@ impl Cluster {
             if !identify {
                 return Ok(None);
             }
-            let members: MembersResponse = ModelCacheClient::new(channel)
-                .members(MembersRequest {})
-                .await
-                .map_err(|s| format!("Members: {}", s.message()))?
-                .into_inner();
+            let members: MembersResponse = ModelCacheClient::new(WithToken {
+                inner: channel,
+                token: self.options.token.clone(),
+            })
+            .members(MembersRequest {})
+            .await
+            .map_err(|s| format!("Members: {}", s.message()))?
+            .into_inner();
             let own = members.members.iter().find(|m| m.local);
             let address = own.map(|m| m.address.clone()).unwrap_or_default();
             Ok(Some((members.node_id, address)))
@@ -330,7 +336,10 @@ impl Cluster {
                     t.peer = Some(Arc::new(GrpcPeer::new(
                         id.clone(),
                         t.address.clone(),
-                        t.channel.clone(),
+                        WithToken {
+                            inner: t.channel.clone(),
+                            token: self.options.token.clone(),
+                        },
                         self.options.peer_timeout,
                     )));
                     t.id = Some(id);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use modelcache_proto::Reference;
+use modelcache_proto::auth::WithToken;
 use modelcache_proto::parts::{Assembly, MANIFEST_PROTOCOL, ResolveError, resolve_whole};
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
 use modelcache_proto::v1::{self, FetchRequest, fetch_response};
@@ -22,13 +23,19 @@ use crate::peers::{ChunkRequest, Peer, RemoteFile, RemoteManifest};
 pub struct GrpcPeer {
     id: String,
     address: String,
-    channel: Channel,
+    /// The channel, presenting this node's peer token when it has one.
+    channel: WithToken<Channel>,
     /// Longest a request may take, a chunk's included: a stalled peer is given up on.
     timeout: Duration,
 }
 
 impl GrpcPeer {
-    pub fn new(id: String, address: String, channel: Channel, timeout: Duration) -> Self {
+    pub fn new(
+        id: String,
+        address: String,
+        channel: WithToken<Channel>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             id,
             address,
@@ -37,8 +44,8 @@ impl GrpcPeer {
         }
     }
 
-    /// A client whose calls carry the current span's trace context.
-    fn client(&self) -> ModelCacheClient<Traced<Channel>> {
+    /// A client whose calls carry the current span's trace context (and the token).
+    fn client(&self) -> ModelCacheClient<Traced<WithToken<Channel>>> {
         ModelCacheClient::new(Traced(self.channel.clone()))
             .max_decoding_message_size(wire::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(wire::MAX_MESSAGE_SIZE)
