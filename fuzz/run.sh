@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-600}
-for target in onnx safetensors gguf; do
+targets=${TARGETS:-"onnx safetensors gguf reference fetch_request node_response"}
+for target in $targets; do
     cargo +stable fuzz run -s none "$target" -- -max_total_time="$seconds" \
         -rss_limit_mb=1024 -malloc_limit_mb=256 -print_final_stats=1
 done

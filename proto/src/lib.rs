@@ -45,4 +45,33 @@ pub mod wire {
     /// Largest gRPC message sent or accepted: a chunk (2 MiB) plus its framing, under the
     /// 4 MiB that stock clients accept by default.
     pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+    /// A gRPC message's frame header: a compression flag and a 4-byte big-endian length.
+    pub const FRAME_HEADER: usize = 5;
+
+    /// The message of a request body that holds exactly one uncompressed gRPC frame (what
+    /// a node reads the hand-framed `Fetch` request from); an error says what is wrong.
+    pub fn request_message(body: &[u8]) -> Result<&[u8], tonic::Status> {
+        let Some((header, message)) = body.split_first_chunk::<FRAME_HEADER>() else {
+            return Err(tonic::Status::invalid_argument(
+                "Fetch request shorter than a gRPC frame header",
+            ));
+        };
+        if header[0] != 0 {
+            return Err(compressed_request());
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len != message.len() {
+            return Err(tonic::Status::invalid_argument(format!(
+                "Fetch request frame says {len} bytes but carries {}",
+                message.len()
+            )));
+        }
+        Ok(message)
+    }
+
+    pub fn compressed_request() -> tonic::Status {
+        tonic::Status::unimplemented(
+            "compressed Fetch requests are not supported by this node; send them uncompressed",
+        )
+    }
 }

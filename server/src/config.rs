@@ -190,6 +190,16 @@ pub struct Config {
     #[arg(long, env = "CACHE_NODE_PEER_TOKEN_FILE")]
     pub peer_token_file: Option<PathBuf>,
 
+    /// `Fetch` streams each client (the name of its token) may have open at once; one more
+    /// is refused with RESOURCE_EXHAUSTED. Needs --auth-tokens-file. Off unless given.
+    #[arg(long, env = "CACHE_NODE_CLIENT_MAX_STREAMS")]
+    pub client_max_streams: Option<usize>,
+
+    /// Bytes per second each client (the name of its token) is sent at most, all its
+    /// calls together (e.g. `200MiB`). Needs --auth-tokens-file. Off unless given.
+    #[arg(long, env = "CACHE_NODE_CLIENT_MAX_BANDWIDTH")]
+    pub client_max_bandwidth: Option<ByteSize>,
+
     /// Print the effective configuration (every key, its value and where it came from:
     /// flag, environment, config file or default; secrets masked) and exit.
     #[arg(long, env = "CACHE_NODE_PRINT_CONFIG")]
@@ -446,6 +456,24 @@ impl Config {
     }
 
     /// A configuration with defaults, for embedding and tests.
+    /// The per-client quotas, when any is set; they need tokens (`with_tokens`), which
+    /// tell clients apart.
+    pub fn quotas(
+        &self,
+        with_tokens: bool,
+    ) -> Result<Option<std::sync::Arc<crate::quotas::Quotas>>> {
+        let bandwidth = self.client_max_bandwidth.map(|b| b.as_u64());
+        let quotas = crate::quotas::Quotas::new(self.client_max_streams, bandwidth);
+        if quotas.is_some() && !with_tokens {
+            return Err(Error::Config(
+                "--client-max-streams and --client-max-bandwidth need --auth-tokens-file: a \
+                 client is known by the name of its token"
+                    .into(),
+            ));
+        }
+        Ok(quotas)
+    }
+
     pub fn with_origin(origin: &str, cache_dir: &std::path::Path) -> Self {
         let mut config = Self::from_args(["cache-node"]).expect("defaults parse");
         config.origin = origin.to_owned();

@@ -29,6 +29,7 @@ use crate::buffers::{ChunkBuffer, ChunkBuffers};
 use crate::cache::{ChunkCache, ChunkKey, ChunkValue};
 use crate::error::{Error, Result};
 use crate::origin::{Origin, OriginFile};
+use crate::pacer::Pacer;
 use crate::tasks::Background;
 
 /// Rounds of a part that bring no new chunk before it fails.
@@ -49,34 +50,6 @@ pub struct FillOptions {
     pub parts_ahead: u64,
     /// Bytes per second read from the origin by the whole node, at most.
     pub max_bandwidth: Option<u64>,
-}
-
-/// Paces the bytes read from the origin to at most `rate` per second, across all reads:
-/// each piece waits for its turn after the ones before it (a read that waits stops taking
-/// bytes off its connection, so the origin slows down too).
-pub struct Pacer {
-    rate: u64,
-    next: Mutex<tokio::time::Instant>,
-}
-
-impl Pacer {
-    pub fn new(rate: u64) -> Self {
-        Self {
-            rate: rate.max(1),
-            next: Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    /// Waits until `n` more bytes fit the rate.
-    pub async fn take(&self, n: u64) {
-        let start = {
-            let mut next = self.next.lock().expect("pacer lock poisoned");
-            let start = (*next).max(tokio::time::Instant::now());
-            *next = start + Duration::from_secs_f64(n as f64 / self.rate as f64);
-            start
-        };
-        tokio::time::sleep_until(start).await;
-    }
 }
 
 /// Request latency above which parts grow (requests are slow to answer, so fewer, larger
@@ -404,31 +377,5 @@ impl Fills {
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkKey, Slot>> {
         self.inflight.lock().expect("fills lock poisoned")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_pacer_holds_reads_to_its_rate() {
-        let pacer = Arc::new(Pacer::new(10_000_000));
-        let started = tokio::time::Instant::now();
-        // Four readers of 5 MB each, at once: 20 MB at 10 MB/s; the last piece may start
-        // 1.5 s in.
-        let reads = (0..4).map(|_| {
-            let pacer = pacer.clone();
-            tokio::spawn(async move { pacer.take(5_000_000).await })
-        });
-        for read in reads {
-            read.await.unwrap();
-        }
-        assert_eq!(started.elapsed(), Duration::from_millis(1500));
-        // Idle time is not saved up: after a pause, the next piece waits for nothing.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let again = tokio::time::Instant::now();
-        pacer.take(1_000_000).await;
-        assert_eq!(again.elapsed(), Duration::ZERO);
     }
 }

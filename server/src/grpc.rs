@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::admin::AdminService;
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::layers::Gate;
 use crate::registry::Registry;
 use crate::service::NodeService;
 use crate::{layers, listener, wire};
@@ -45,20 +46,20 @@ pub async fn serve(
     registry: Arc<Registry>,
     cluster: Arc<Cluster>,
     listener: TcpListener,
-    (admission, tokens): (Admission, Option<Arc<Tokens>>),
+    (admission, gate): (Admission, Gate),
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener address", e))?;
-    if !addr.ip().is_loopback() && tokens.is_none() {
+    if !addr.ip().is_loopback() && gate.tokens.is_none() {
         tracing::warn!(
             %addr,
             "authentication is OFF and this node listens beyond loopback: anyone who can \
              reach {addr} can read every model in the origin (--auth-tokens-file)"
         );
     }
-    let tokens_watch = tokens.clone().map(|t| tokio::spawn(watch_tokens(t)));
+    let tokens_watch = gate.tokens.clone().map(|t| tokio::spawn(watch_tokens(t)));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // The process answers at once (`""` is SERVING: peers probe that); the model service
     // is ready once the node has probed its peers, so that it ranks models as they do.
@@ -136,7 +137,7 @@ pub async fn serve(
         .max_concurrent_streams(admission.max_streams_per_connection.max(1))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(layers::stack(stats, tokens))
+        .layer(layers::stack(stats, gate))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

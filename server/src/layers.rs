@@ -21,21 +21,28 @@ use tracing::Instrument;
 use modelcache_proto::auth::{Refusal, Tokens};
 
 use crate::access::{Access, RpcNote};
+use crate::quotas::{PacedBody, Quotas};
 use crate::stats::NodeStats;
 use crate::wire::FETCH_PATH;
 
+/// Who may call, and how much each caller may take.
+#[derive(Clone, Default)]
+pub struct Gate {
+    /// The grants a call must present one of; `None`: every call is let in.
+    pub tokens: Option<Arc<Tokens>>,
+    /// Limits per token name; `None`: no limits.
+    pub quotas: Option<Arc<Quotas>>,
+}
+
 /// The stack, outermost layer last.
-pub fn stack(
-    stats: Arc<NodeStats>,
-    tokens: Option<Arc<Tokens>>,
-) -> Stack<Observe, tower_layer::Identity> {
-    Stack::new(Observe { stats, tokens }, tower_layer::Identity::new())
+pub fn stack(stats: Arc<NodeStats>, gate: Gate) -> Stack<Observe, tower_layer::Identity> {
+    Stack::new(Observe { stats, gate }, tower_layer::Identity::new())
 }
 
 #[derive(Clone)]
 pub struct Observe {
     stats: Arc<NodeStats>,
-    tokens: Option<Arc<Tokens>>,
+    gate: Gate,
 }
 
 impl<S> Layer<S> for Observe {
@@ -45,7 +52,7 @@ impl<S> Layer<S> for Observe {
         Observed {
             inner,
             stats: self.stats.clone(),
-            tokens: self.tokens.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -54,7 +61,7 @@ impl<S> Layer<S> for Observe {
 pub struct Observed<S> {
     inner: S,
     stats: Arc<NodeStats>,
-    tokens: Option<Arc<Tokens>>,
+    gate: Gate,
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for Observed<S>
@@ -116,21 +123,35 @@ where
             span.clone(),
             &self.stats,
         );
-        if let Some(tokens) = self.tokens.as_ref().filter(|_| !health) {
-            match tokens.authenticate(request.headers().get(http::header::AUTHORIZATION)) {
-                Ok(caller) => {
-                    access.client = Some(caller.name.clone());
-                    request.extensions_mut().insert(caller);
-                }
-                Err(Refusal::Unknown(why) | Refusal::OutOfScope(why)) => {
-                    let refused = tonic::Status::unauthenticated(why).into_http();
-                    return Box::pin(async move { Ok(access.observe(refused)) });
-                }
+        let mut admitted = None;
+        if let Some(tokens) = self.gate.tokens.as_ref().filter(|_| !health) {
+            let refused =
+                match tokens.authenticate(request.headers().get(http::header::AUTHORIZATION)) {
+                    Err(Refusal::Unknown(why) | Refusal::OutOfScope(why)) => {
+                        Some(tonic::Status::unauthenticated(why))
+                    }
+                    Ok(caller) => {
+                        access.client = Some(caller.name.clone());
+                        let quota = match &self.gate.quotas {
+                            Some(quotas) => quotas.admit(&caller.name, fetch).map(Some),
+                            None => Ok(None),
+                        };
+                        request.extensions_mut().insert(caller);
+                        quota.map(|a| admitted = a).err()
+                    }
+                };
+            if let Some(refused) = refused {
+                let refused = refused.into_http();
+                return Box::pin(async move { Ok(access.observe(refused)) });
             }
         }
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let response = response.await?;
+            let response = match admitted {
+                Some(admitted) => response.map(|body| Body::new(PacedBody::new(body, admitted))),
+                None => response,
+            };
             Ok(access.observe(response))
         })
     }

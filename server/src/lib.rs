@@ -42,9 +42,11 @@ pub mod manifest;
 pub mod metrics;
 pub mod origin;
 pub mod origin_counters;
+pub mod pacer;
 pub mod peers;
 pub mod pinning;
 pub mod pins;
+pub mod quotas;
 pub mod readahead;
 pub mod registry;
 pub mod service;
@@ -81,8 +83,8 @@ pub struct Node {
     admission: grpc::Admission,
     /// Where to serve Prometheus metrics, if anywhere.
     metrics_listen: Option<std::net::SocketAddr>,
-    /// The grants callers must present one of, when required.
-    tokens: Option<Arc<modelcache_proto::auth::Tokens>>,
+    /// Who may call, and how much each caller may take.
+    gate: layers::Gate,
 }
 
 impl Node {
@@ -140,7 +142,10 @@ impl Node {
             cluster,
             advertise: config.advertise.clone(),
             metrics_listen: config.metrics_listen,
-            tokens,
+            gate: layers::Gate {
+                quotas: config.quotas(tokens.is_some())?,
+                tokens,
+            },
             admission: grpc::Admission {
                 max_connections: config.max_connections,
                 max_streams_per_connection: config.max_streams_per_connection,
@@ -189,7 +194,7 @@ impl Node {
             self.registry.clone(),
             self.cluster.clone(),
             listener,
-            (self.admission, self.tokens.clone()),
+            (self.admission, self.gate.clone()),
             shutdown,
         )
         .await;

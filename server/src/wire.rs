@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use modelcache_proto::auth::Caller;
 use modelcache_proto::v1::model_cache_server::{ModelCache, ModelCacheServer};
 use modelcache_proto::v1::{FetchRequest, FetchResponse, fetch_response};
+use modelcache_proto::wire::{FRAME_HEADER, compressed_request, request_message};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tokio_util::sync::CancellationToken;
@@ -35,8 +36,6 @@ pub const FETCH_PATH: &str = "/modelcache.v1.ModelCache/Fetch";
 /// `FetchResponse.chunk` and `Chunk.data` (cache.proto).
 const CHUNK_FIELD: u32 = 2;
 const DATA_FIELD: u32 = 3;
-/// A gRPC message's frame header: compressed flag, then the length (big-endian u32).
-const FRAME_HEADER: usize = 5;
 /// Chunk bytes of the messages already produced that go out together (see `coalesce`);
 /// a 2 MiB chunk is a batch of its own.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -175,31 +174,6 @@ where
 }
 
 /// The message of a request body holding one uncompressed gRPC message.
-fn request_message(body: &[u8]) -> Result<&[u8], Status> {
-    let Some((header, message)) = body.split_first_chunk::<FRAME_HEADER>() else {
-        return Err(Status::invalid_argument(
-            "Fetch request shorter than a gRPC frame header",
-        ));
-    };
-    if header[0] != 0 {
-        return Err(compressed_request());
-    }
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len != message.len() {
-        return Err(Status::invalid_argument(format!(
-            "Fetch request frame says {len} bytes but carries {}",
-            message.len()
-        )));
-    }
-    Ok(message)
-}
-
-fn compressed_request() -> Status {
-    Status::unimplemented(
-        "compressed Fetch requests are not supported by this node; send them uncompressed",
-    )
-}
-
 fn trailers(status: &Status) -> http::HeaderMap {
     let mut headers = http::HeaderMap::new();
     if let Err(e) = status.add_header(&mut headers) {

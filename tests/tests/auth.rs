@@ -300,3 +300,86 @@ async fn peers_present_their_own_token_and_one_without_is_refused() {
         .unwrap();
     assert_same_files(&fetched.path, &files);
 }
+
+/// Quotas per token name: a client with a stream open up to its limit is refused one
+/// more with RESOURCE_EXHAUSTED while another client fetches; a client's bytes per
+/// second are held to its bandwidth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_over_its_quota_is_refused_while_another_is_not() {
+    use modelcache_proto::auth::{WithToken, bearer};
+    use modelcache_proto::v1::FetchRequest;
+    use modelcache_proto::v1::model_cache_client::ModelCacheClient;
+
+    let files: ModelFiles = vec![("model.bin".into(), data(4, 8 * MIB))];
+    let sandbox = Sandbox::with_model("big", &files).await;
+    let dir = sandbox.dir();
+    let tokens = tokens_file(&dir, &format!("a:{OPS}\nb:{TEAM}\n"));
+    let mut config = sandbox.node_config();
+    config.precompute = Default::default();
+    config.auth_tokens_file = Some(tokens);
+    config.client_max_streams = Some(1);
+    config.client_max_bandwidth = Some(bytesize::ByteSize::mib(4));
+    let node = TestNode::start(config).await;
+
+    let client = |token: &str| {
+        let url = node.url.clone();
+        let token = bearer(token).unwrap();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            ModelCacheClient::new(WithToken {
+                inner: channel,
+                token: Some(token),
+            })
+        }
+    };
+    let request = || FetchRequest {
+        reference: "big".into(),
+        ..Default::default()
+    };
+    // Client a holds one stream open (its first message read, the rest left waiting).
+    let mut held = client(OPS)
+        .await
+        .fetch(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.message().await.unwrap().is_some());
+    let refused = client(OPS).await.fetch(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--client-max-streams 1"),
+        "{refused:?}"
+    );
+    // Client b is not affected.
+    let fetched = prefetch(&sandbox, &node, Some(TEAM), "big").await.unwrap();
+    assert_same_files(&fetched.path, &files);
+    drop(held);
+
+    // Once a's stream has ended, a fetches again, no faster than 4 MiB/s: 8 MiB cannot
+    // take less than 1.5 s (all but the first 2 MiB chunk paced).
+    let mut again = None;
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        match prefetch(&sandbox, &node, Some(OPS), "big").await {
+            Ok(fetched) => {
+                again = Some((fetched, started.elapsed()));
+                break;
+            }
+            // The held stream's end reaches the node a moment after it is dropped.
+            Err(AgentError::Node {
+                code: Code::ResourceExhausted,
+                ..
+            }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let (fetched, took) = again.expect("client a was refused for 5 s after its stream ended");
+    assert_same_files(&fetched.path, &files);
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+}

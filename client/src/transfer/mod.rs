@@ -220,7 +220,7 @@ pub(super) fn protocol(reference: &Reference, detail: impl Into<String>) -> Agen
 }
 
 /// Rejects a manifest whose paths or sizes cannot be trusted, before anything is written.
-fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
+pub fn check_manifest(reference: &Reference, m: &v1::Manifest) -> Result<()> {
     check_file_paths(m.files.iter().map(|f| f.path.as_str())).map_err(|source| {
         AgentError::UnsafePath {
             reference: reference.to_string(),
