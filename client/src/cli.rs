@@ -180,6 +180,12 @@ pub struct DaemonArgs {
     /// `/metrics`, `/healthz`, `/readyz`. Off unless given
     #[arg(long, env = "CACHE_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Bearer tokens workers must present, one grant per line, as the node's
+    /// `--auth-tokens-file` (docs/security.md); read again when it changes. Off unless
+    /// given: then a unix socket's permissions decide who may call.
+    #[arg(long, env = "CACHE_AGENT_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -190,7 +190,23 @@ async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
         refresh_interval: (!args.refresh_interval.is_zero()).then_some(args.refresh_interval),
         verify_rate: args.verify_rate,
         metrics_listen: args.metrics_listen,
+        tokens: args
+            .auth_tokens_file
+            .as_deref()
+            .map(modelcache_proto::auth::Tokens::load)
+            .transpose()
+            .map_err(|message| AgentError::Config { message })?,
     };
+    if let cache_agent::daemon::socket::Listen::Tcp(addr) = &options.listen
+        && !addr.ip().is_loopback()
+        && options.tokens.is_none()
+    {
+        tracing::warn!(
+            %addr,
+            "the daemon listens on TCP beyond loopback without --auth-tokens-file: anyone \
+             who can reach {addr} can use it"
+        );
+    }
     cache_agent::daemon::run(agent, options, |address| out!("{address}")).await
 }
 

@@ -255,6 +255,43 @@ impl Tokens {
     }
 }
 
+/// Whether the token that let a call in (its [`Caller`] in the request's extensions, put
+/// there when tokens are required) allows `action` on model `name`: `PERMISSION_DENIED`
+/// naming the grant's scope when it does not; `Ok` when no tokens are required.
+pub fn authorize(
+    extensions: &http::Extensions,
+    action: Action,
+    name: Option<&str>,
+) -> Result<(), tonic::Status> {
+    match extensions.get::<Caller>() {
+        Some(caller) => caller.allows(action, name).map_err(tonic::Status::from),
+        None => Ok(()),
+    }
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Unknown(why) => tonic::Status::unauthenticated(why),
+            Refusal::OutOfScope(why) => tonic::Status::permission_denied(why),
+        }
+    }
+}
+
+/// Reads the tokens file again whenever it changes (checked every `every`) until the task
+/// is dropped: a token removed from it is refused from the next call on; a file that no
+/// longer parses is logged and the grants read before stay in force.
+pub async fn watch(tokens: Arc<Tokens>, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match tokens.reload_if_changed() {
+            Ok(true) => tracing::info!(file = %tokens.path().display(), "tokens file read again"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("{e}; the tokens read before stay in force"),
+        }
+    }
+}
+
 /// A token read from a file (`--token-file`, `--peer-token-file`): its one line, trimmed.
 pub fn read_token_file(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)

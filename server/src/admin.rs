@@ -218,7 +218,7 @@ impl AdminService {
             _ => Reference::parse(&request.get_ref().reference).ok(),
         };
         let name = name.as_ref().map(Reference::name);
-        crate::service::authorize(request.extensions(), Scope::Admin, name)?;
+        modelcache_proto::auth::authorize(request.extensions(), Scope::Admin, name)?;
         let token = request
             .metadata()
             .get("authorization")

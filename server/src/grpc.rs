@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use modelcache_proto::auth::Tokens;
 use modelcache_proto::v1::admin_server::AdminServer;
 use modelcache_proto::v1::model_cache_server::ModelCacheServer;
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
@@ -59,7 +58,10 @@ pub async fn serve(
              reach {addr} can read every model in the origin (--auth-tokens-file)"
         );
     }
-    let tokens_watch = gate.tokens.clone().map(|t| tokio::spawn(watch_tokens(t)));
+    let tokens_watch = gate
+        .tokens
+        .clone()
+        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, TOKENS_CHECK)));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // The process answers at once (`""` is SERVING: peers probe that); the model service
     // is ready once the node has probed its peers, so that it ranks models as they do.
@@ -167,17 +169,4 @@ pub async fn serve(
         let _ = task.await;
     }
     served
-}
-
-/// Reads the tokens file again whenever it changes (a revoked token is refused from the
-/// next call on); a file that no longer parses is logged and the earlier grants stay.
-async fn watch_tokens(tokens: Arc<Tokens>) {
-    loop {
-        tokio::time::sleep(TOKENS_CHECK).await;
-        match tokens.reload_if_changed() {
-            Ok(true) => tracing::info!(file = %tokens.path().display(), "tokens file read again"),
-            Ok(false) => {}
-            Err(e) => tracing::error!("{e}; the tokens read before stay in force"),
-        }
-    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
-use modelcache_proto::auth::{Action, Caller, Refusal};
+use modelcache_proto::auth::{Action, Caller, authorize};
 use modelcache_proto::parts::{self, CHECK_PROTOCOL, Cursor, MANIFEST_PROTOCOL, PART_BYTES};
 use modelcache_proto::v1::model_cache_server::ModelCache;
 use modelcache_proto::v1::{
@@ -91,22 +91,6 @@ impl From<Error> for Status {
 
 fn parse(reference: &str) -> Result<Reference, Status> {
     Reference::parse(reference).map_err(|e| Error::from(e).into())
-}
-
-/// Whether the token that let the call in (when the node requires tokens) allows `action`
-/// on model `name`: `PERMISSION_DENIED` naming the grant's scope when it does not.
-pub fn authorize(
-    extensions: &http::Extensions,
-    action: Action,
-    name: Option<&str>,
-) -> Result<(), Status> {
-    match extensions.get::<Caller>() {
-        Some(caller) => caller.allows(action, name).map_err(|r| match r {
-            Refusal::OutOfScope(why) => Status::permission_denied(why),
-            Refusal::Unknown(why) => Status::unauthenticated(why),
-        }),
-        None => Ok(()),
-    }
 }
 
 /// The request's reference, parsed, once its caller may `action` it.

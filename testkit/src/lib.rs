@@ -557,6 +557,21 @@ pub async fn download_started(store: &Path) -> bool {
     .await
 }
 
+/// A `grpc.health.v1` check of the whole server at `url`, without a token.
+pub async fn health_check(
+    url: &str,
+) -> Result<tonic_health::pb::HealthCheckResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// `cache-agent --node NODE admin ARGS…` run to its end, with a directory of its own and
 /// no `CACHE_AGENT_NODE` or `RUST_LOG` from the test's environment.
 pub fn admin_command(node: &str, args: &[&str]) -> std::process::Output {

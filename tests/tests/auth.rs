@@ -81,14 +81,7 @@ async fn only_granted_tokens_get_in_within_their_scope_and_a_rewrite_revokes() {
     let node = TestNode::start(config).await;
 
     // Health checks need no token.
-    let channel = tonic::transport::Endpoint::from_shared(node.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let health = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await;
+    let health = health_check(&node.url).await;
     assert!(health.is_ok(), "{health:?}");
 
     // No token, or one no grant holds: UNAUTHENTICATED, saying which.

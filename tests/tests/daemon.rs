@@ -950,3 +950,76 @@ async fn the_daemon_exports_fetched_bytes_local_hits_evictions_and_ensure_latenc
     assert_eq!(evicted["modelcache_agent_evictions_total"], 1.0);
     assert!(evicted["modelcache_agent_evicted_bytes_total"] >= size);
 }
+
+/// On TCP with `--auth-tokens-file`: a worker without a token, or with one no grant
+/// holds, is refused UNAUTHENTICATED; a token limited to fetching one prefix gets its
+/// model and is refused PERMISSION_DENIED for another model and for `Evict`; health
+/// checks need no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_on_tcp_present_a_token_and_stay_within_its_scope() {
+    let sandbox = Sandbox::start().await;
+    let files = model(60, 1, 1);
+    sandbox.seed("team/small", &files).await;
+    sandbox.seed("other", &model(61, 1, 1)).await;
+    let node = sandbox.node().await;
+    let run = sandbox.dir();
+    let tokens = run.join("tokens");
+    std::fs::write(&tokens, "worker:worker-token-0123456789:fetch:team/\n").unwrap();
+    let daemon = Daemon::start(
+        &node.url,
+        &run.join("models"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let mut client = daemon.client().await;
+    let none = client.ensure(ensure_req("team/small")).await.unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated, "{none:?}");
+    let wrong = client
+        .ensure(with_token(
+            "wrong-token-0123456789",
+            ensure_req("team/small"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    let ok = client
+        .ensure(with_token(
+            "worker-token-0123456789",
+            ensure_req("team/small"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same_files(Path::new(&ok.path), &files);
+    let outside = client
+        .ensure(with_token("worker-token-0123456789", ensure_req("other")))
+        .await
+        .unwrap_err();
+    assert_eq!(outside.code(), tonic::Code::PermissionDenied, "{outside:?}");
+    assert!(outside.message().contains("team/"), "{outside:?}");
+    let evict = client
+        .evict(with_token(
+            "worker-token-0123456789",
+            evict_req("team/small", false),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(evict.code(), tonic::Code::PermissionDenied, "{evict:?}");
+    assert!(evict.message().contains("may not admin"), "{evict:?}");
+    let url = format!("http://{}", daemon.address.trim_start_matches("tcp://"));
+    let health = health_check(&url).await;
+    assert!(health.is_ok(), "{health:?}");
+}
+
+/// `request` with `authorization: Bearer TOKEN`, as a worker sends it.
+fn with_token<T>(token: &str, request: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}

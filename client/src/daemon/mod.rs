@@ -9,6 +9,7 @@
 //! throttled; the prefetch list and `Prefetch` calls are fetched one at a time, at most at
 //! `--max-bandwidth`.
 
+pub mod auth;
 mod budget;
 pub mod client;
 pub mod metrics;
@@ -56,6 +57,8 @@ pub struct Options {
     pub verify_rate: u64,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The grants workers present one of (`--auth-tokens-file`); `None`: no tokens.
+    pub tokens: Option<Arc<modelcache_proto::auth::Tokens>>,
 }
 
 /// A model present and verified locally, as `Ensure` returns it.

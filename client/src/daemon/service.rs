@@ -6,6 +6,7 @@ use tracing::Instrument;
 
 use futures::Stream;
 use modelcache_proto::Reference;
+use modelcache_proto::auth::{Action, authorize};
 use modelcache_proto::v1::agent_server::{Agent as AgentApi, AgentServer};
 use modelcache_proto::v1::{
     AgentPrefetchRequest, AgentPrefetchResponse, EnsureEvent, EnsureRequest, EnsureResponse,
@@ -76,6 +77,8 @@ impl Service {
     /// never evicted under it), dropped again when the fetch fails.
     async fn ensure(&self, request: Request<EnsureRequest>) -> Result<EnsureResponse, Status> {
         let conn = request.extensions().get::<ConnInfo>().map(|c| c.id);
+        let r = reference(&request.get_ref().reference)?;
+        authorize(request.extensions(), Action::Fetch, Some(r.name()))?;
         // The caller's trace continues here: from `traceparent` in the request, else
         // from its gRPC metadata (a worker whose own gRPC client propagates context).
         let span = tracing::info_span!("ensure", reference = %request.get_ref().reference);
@@ -86,7 +89,6 @@ impl Service {
         } else {
             modelcache_telemetry::propagation::adopt_traceparent(&span, &req.traceparent, "");
         }
-        let r = reference(&req.reference)?;
         let lease = req.lease.then(|| self.0.lease(&r, conn));
         match self.0.ensure(&r, req.refresh).instrument(span).await {
             Ok(e) => Ok(response(e, lease.unwrap_or_default())),
@@ -118,6 +120,7 @@ impl AgentApi for Service {
         request: Request<EnsureRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = reference(&request.get_ref().reference)?;
+        authorize(request.extensions(), Action::Fetch, Some(r.name()))?;
         let daemon = self.0.clone();
         let this = Service(self.0.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -162,11 +165,15 @@ impl AgentApi for Service {
         request: Request<AgentPrefetchRequest>,
     ) -> Result<Response<AgentPrefetchResponse>, Status> {
         let refs = request
-            .into_inner()
+            .get_ref()
             .references
             .iter()
-            .map(|s| reference(s))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|s| {
+                let r = reference(s)?;
+                authorize(request.extensions(), Action::Prefetch, Some(r.name()))?;
+                Ok(r)
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let queued = self.0.queue(&refs) as u32;
         Ok(Response::new(AgentPrefetchResponse { queued }))
     }
@@ -175,14 +182,16 @@ impl AgentApi for Service {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
+        authorize(request.extensions(), Action::Fetch, None)?;
         let released = self.0.release(&request.into_inner().lease_id);
         Ok(Response::new(ReleaseResponse { released }))
     }
 
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        authorize(request.extensions(), Action::Fetch, None)?;
         let s = self.0.snapshot().await;
         Ok(Response::new(StatusResponse {
             dir: s.dir.display().to_string(),
@@ -217,9 +226,9 @@ impl AgentApi for Service {
         &self,
         request: Request<EvictRequest>,
     ) -> Result<Response<EvictResponse>, Status> {
-        let req = request.into_inner();
-        let r = reference(&req.reference)?;
-        let freed = self.0.evict(&r, req.force).await?;
+        let r = reference(&request.get_ref().reference)?;
+        authorize(request.extensions(), Action::Admin, Some(r.name()))?;
+        let freed = self.0.evict(&r, request.get_ref().force).await?;
         Ok(Response::new(EvictResponse {
             evicted: freed.is_some(),
             freed_bytes: freed.unwrap_or(0),
@@ -249,12 +258,22 @@ pub async fn serve(
     let v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| daemon_error(format!("reflection: {e}")))?;
-    tonic::transport::Server::builder()
+    let tokens = daemon.options.tokens.clone();
+    let watch = tokens
+        .clone()
+        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, super::auth::CHECK_EVERY)));
+    let served = tonic::transport::Server::builder()
+        .layer(super::auth::RequireToken(tokens))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(AgentServer::new(Service(daemon)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| daemon_error(format!("serving: {e}")))
+        .map_err(|e| daemon_error(format!("serving: {e}")));
+    if let Some(watch) = watch {
+        watch.abort();
+        let _ = watch.await;
+    }
+    served
 }
