@@ -50,6 +50,15 @@ impl Reference {
         };
         check_name(name).map_err(fail)?;
         check_variant(variant).map_err(fail)?;
+        // The limit holds for the reference as it is printed and sent on (`NAME:VARIANT`),
+        // so that every reference accepted here is accepted again by the node.
+        let printed = name.len() + 1 + variant.len();
+        if printed > MAX_REFERENCE_LEN {
+            return Err(fail(format!(
+                "it is {printed} bytes long as {name:.20}…:{variant}; the limit is \
+                 {MAX_REFERENCE_LEN}"
+            )));
+        }
         Ok(Self {
             name: name.to_owned(),
             variant: variant.to_owned(),
@@ -215,6 +224,21 @@ pub fn check_file_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_accepted_reference_prints_as_one_that_parses() {
+        // Found by the `reference` fuzz target: a 256-byte name alone parsed, but its
+        // printed form (`NAME:original`, which agents send) was over the limit.
+        let long = format!("oi/{}", "_".repeat(253));
+        let err = Reference::parse(&long).unwrap_err();
+        assert!(err.reason.contains("as oi/_"), "{err}");
+        let fits = format!(
+            "m/{}",
+            "_".repeat(MAX_REFERENCE_LEN - 2 - 1 - ORIGINAL.len())
+        );
+        let reference = Reference::parse(&fits).unwrap();
+        assert_eq!(Reference::parse(&reference.to_string()).unwrap(), reference);
+    }
 
     #[test]
     fn parses_name_and_variant() {

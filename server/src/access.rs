@@ -97,7 +97,7 @@ impl Drop for Access {
         if let Some(client) = &self.client {
             self.stats.client_rpc_ended(client, code_name);
         }
-        let client = self.client.as_deref();
+        let client = self.client.as_deref().map(tracing::field::display);
         if self.fetch {
             self.stats.fetch_ended();
         }

@@ -165,6 +165,23 @@ fn every_environment_variable_is_read_by_its_binary() {
             "cache-agent does not read {var}"
         );
     }
+    // Every call presents a token: the nodes check the demo grants and present the peer
+    // token, the agent its own.
+    for name in NODES {
+        let env = &service(&doc, name)["environment"];
+        assert_eq!(
+            env["CACHE_NODE_AUTH_TOKENS_FILE"].as_str(),
+            Some("/etc/modelcache/tokens/tokens")
+        );
+        assert_eq!(
+            env["CACHE_NODE_PEER_TOKEN_FILE"].as_str(),
+            Some("/etc/modelcache/tokens/peer-token")
+        );
+    }
+    assert_eq!(
+        service(&doc, "agent")["environment"]["CACHE_AGENT_TOKEN_FILE"].as_str(),
+        Some("/etc/modelcache/tokens/agent-token")
+    );
     // Jaeger gets every node's spans and Prometheus scrapes every node.
     for name in NODES {
         let env = &service(&doc, name)["environment"];
@@ -302,6 +319,14 @@ fn the_compose_cluster_comes_up_and_the_agent_prefetches_the_int8_sample() {
         agent.iter().any(|l| l.starts_with("resnet50:int8\t")),
         "{agent:?}"
     );
+    // The nodes let calls in by their tokens: the agent's, and each other's.
+    for client in ["client=agents", "client=peers"] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("cache_node::access") && l.contains(client)),
+            "no access-log line with {client}"
+        );
+    }
     // Built once in the cluster: by the owner.
     let built: Vec<&str> = logs
         .lines()
