@@ -1,13 +1,14 @@
 //! The server's tower stack: layers every RPC passes through, the hand-framed `Fetch`
 //! included, since they wrap the whole router (`Server::builder().layer(…)`) rather than
-//! one generated service. Limits and authentication each go in as one more layer of
-//! `stack`.
+//! one generated service.
 //!
 //! [`Observe`] gives each RPC its span (a child of the caller's `traceparent`, so a load
 //! is one trace across agent, node and peers) and its access record (`access`), and,
 //! when the node requires tokens, lets in only a call that presents one of them (health
-//! checks excepted): the grant's [`Caller`] goes into the request's extensions, where the
-//! handlers check its scope (`service::authorize`).
+//! checks excepted) and within its client's quotas: the grant's `Caller` goes into the
+//! request's extensions, where the handlers check its scope
+//! (`modelcache_proto::auth::authorize`). Refusals go through the same access record, so
+//! they are logged and counted like any call.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
