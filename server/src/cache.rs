@@ -342,15 +342,19 @@ impl ChunkCache {
         }
         // The room this call's read took, if its read was the one that ran.
         let room = Arc::new(std::sync::Mutex::new(None));
+        // Whether this call's own `read` ran: a call that shared another's read (or found
+        // the chunk landing) did not go to the origin, and counts as a memory hit.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let fetch = {
             let landing = self.landing.clone();
             let hybrid = self.hybrid.clone();
-            let room = room.clone();
+            let (room, ran) = (room.clone(), ran.clone());
             async move {
                 if let Some(value) = landing.get(&key) {
                     return Ok(value);
                 }
                 let permit = landing.room().await;
+                ran.store(true, std::sync::atomic::Ordering::Relaxed);
                 let value = read.await?;
                 // A large origin read may have put it into the tiers itself meanwhile.
                 if landing.get(&key).is_none() && !hybrid.memory().contains(&key) {
@@ -366,7 +370,11 @@ impl ChunkCache {
             self.hybrid.storage().enqueue(entry.piece(), true);
             self.landing.hold(key, value.clone(), permit);
         }
-        Ok((value, tier_of(entry.source())))
+        let tier = match tier_of(entry.source()) {
+            Tier::Origin if !ran.load(std::sync::atomic::Ordering::Relaxed) => Tier::Memory,
+            tier => tier,
+        };
+        Ok((value, tier))
     }
 
     /// The chunk from memory or disk, or `None`.
