@@ -226,7 +226,8 @@ async fn admin(
         | Unpin { reference, cluster } => (reference.clone(), *cluster),
         Pins { cluster } => (String::new(), *cluster),
     };
-    if !matches!(command, Pins { .. }) {
+    let listing = matches!(command, Pins { .. });
+    if !listing {
         Reference::parse(&reference)?;
     }
     let mut client = cache_agent::node::admin(nodes, token).await?;
@@ -259,6 +260,7 @@ async fn admin(
                     );
                 }
             }
+            (true, true) if listing => out!("{}\t{}\tno pins", n.node_id, n.address),
             (true, true) => out!("{}\t{}\tok", n.node_id, n.address),
         }
     }

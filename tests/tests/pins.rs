@@ -99,6 +99,9 @@ async fn a_pinned_model_is_served_without_the_origin_after_eviction_and_restart(
     assert!(out.contains("no model named \"no-such-model\""), "{out}");
     let (status, _, err) = admin(&node.url, &["pin", "a b"]);
     assert_eq!(status.code(), Some(2), "{err}");
+    let (status, out, _) = admin(&node.url, &["pins"]);
+    assert!(status.success());
+    assert!(out.trim().ends_with("\tno pins"), "{out}");
     let (status, out, _) = admin(&node.url, &["--json", "pins"]);
     assert!(status.success());
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
