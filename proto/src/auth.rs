@@ -64,23 +64,15 @@ pub struct Caller {
     prefixes: Vec<String>,
 }
 
-/// Why a call was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// No token, or one no grant holds: `UNAUTHENTICATED`.
-    Unknown(String),
-    /// A known token out of its scope: `PERMISSION_DENIED`.
-    OutOfScope(String),
-}
-
 impl Caller {
-    /// Whether this caller may do `action` on model `name` (`None`: no model involved).
-    pub fn allows(&self, action: Action, name: Option<&str>) -> Result<(), Refusal> {
+    /// Whether this caller may do `action` on model `name` (`None`: no model involved):
+    /// `PERMISSION_DENIED` naming the grant's scope when it may not.
+    pub fn allows(&self, action: Action, name: Option<&str>) -> Result<(), tonic::Status> {
         if let Some(actions) = &self.actions
             && !actions.contains(&action)
         {
             let granted: Vec<&str> = actions.iter().map(|a| a.name()).collect();
-            return Err(Refusal::OutOfScope(format!(
+            return Err(tonic::Status::permission_denied(format!(
                 "token {:?} may not {} (it is granted: {})",
                 self.name,
                 action.name(),
@@ -88,7 +80,7 @@ impl Caller {
             )));
         }
         match name {
-            Some(name) if !self.sees(name) => Err(Refusal::OutOfScope(format!(
+            Some(name) if !self.sees(name) => Err(tonic::Status::permission_denied(format!(
                 "token {:?} may not reach model {name:?} (it is granted models under: {})",
                 self.name,
                 self.prefixes.join(", ")
@@ -206,16 +198,19 @@ impl Tokens {
         }))
     }
 
-    /// The caller a request's `authorization: Bearer TOKEN` header names.
-    pub fn authenticate(&self, header: Option<&http::HeaderValue>) -> Result<Caller, Refusal> {
+    /// The caller a request's `authorization: Bearer TOKEN` header names:
+    /// `UNAUTHENTICATED` saying what is wrong when no grant holds it.
+    pub fn authenticate(
+        &self,
+        header: Option<&http::HeaderValue>,
+    ) -> Result<Caller, tonic::Status> {
         let Some(token) = header
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
         else {
-            return Err(Refusal::Unknown(
-                "no bearer token: this node requires one (cache-agent --token-file, or \
-                 CACHE_AGENT_TOKEN)"
-                    .into(),
+            return Err(tonic::Status::unauthenticated(
+                "no bearer token: this service requires one in an `authorization: Bearer \
+                 TOKEN` header (cache-agent: --token-file, or CACHE_AGENT_TOKEN)",
             ));
         };
         let presented = blake3::hash(token.trim().as_bytes());
@@ -231,9 +226,27 @@ impl Tokens {
                 found = Some(grant);
             }
         }
-        found
-            .map(|g| g.caller.clone())
-            .ok_or_else(|| Refusal::Unknown("the bearer token is not valid here".into()))
+        found.map(|g| g.caller.clone()).ok_or_else(|| {
+            tonic::Status::unauthenticated(
+                "the bearer token is not valid here: no grant of this service's tokens file \
+                 holds it (revoked, mistyped, or meant for another service)",
+            )
+        })
+    }
+
+    /// Lets `request` in (a health check always) when it presents a granted token, and
+    /// puts the grant's [`Caller`] into its extensions for the handlers' [`authorize`];
+    /// the caller, or `None` for a health check.
+    pub fn admit<B>(
+        &self,
+        request: &mut http::Request<B>,
+    ) -> Result<Option<Caller>, tonic::Status> {
+        if request.uri().path().starts_with("/grpc.health.v1.Health/") {
+            return Ok(None);
+        }
+        let caller = self.authenticate(request.headers().get(http::header::AUTHORIZATION))?;
+        request.extensions_mut().insert(caller.clone());
+        Ok(Some(caller))
     }
 
     /// Reads the file again if it changed since last read; an error leaves the grants as
@@ -264,17 +277,8 @@ pub fn authorize(
     name: Option<&str>,
 ) -> Result<(), tonic::Status> {
     match extensions.get::<Caller>() {
-        Some(caller) => caller.allows(action, name).map_err(tonic::Status::from),
+        Some(caller) => caller.allows(action, name),
         None => Ok(()),
-    }
-}
-
-impl From<Refusal> for tonic::Status {
-    fn from(refusal: Refusal) -> Self {
-        match refusal {
-            Refusal::Unknown(why) => tonic::Status::unauthenticated(why),
-            Refusal::OutOfScope(why) => tonic::Status::permission_denied(why),
-        }
     }
 }
 
@@ -371,14 +375,12 @@ mod tests {
         assert_eq!(team.actions, Some(vec![Action::Fetch, Action::Prefetch]));
         assert!(team.allows(Action::Fetch, Some("org-a/bert")).is_ok());
         assert!(team.allows(Action::Fetch, Some("shared/x")).is_ok());
-        assert!(matches!(
-            team.allows(Action::Fetch, Some("org-b/bert")),
-            Err(Refusal::OutOfScope(m)) if m.contains("org-a/, shared/")
-        ));
-        assert!(matches!(
-            team.allows(Action::Admin, None),
-            Err(Refusal::OutOfScope(m)) if m.contains("may not admin")
-        ));
+        let outside = team.allows(Action::Fetch, Some("org-b/bert")).unwrap_err();
+        assert_eq!(outside.code(), tonic::Code::PermissionDenied);
+        assert!(outside.message().contains("org-a/, shared/"), "{outside:?}");
+        let admin = team.allows(Action::Admin, None).unwrap_err();
+        assert_eq!(admin.code(), tonic::Code::PermissionDenied);
+        assert!(admin.message().contains("may not admin"), "{admin:?}");
     }
 
     #[test]
@@ -410,14 +412,12 @@ mod tests {
             .authenticate(Some(&bearer("token-b-0123456789")))
             .unwrap();
         assert_eq!(caller.name, "b");
-        assert!(matches!(
+        for refused in [
             tokens.authenticate(None),
-            Err(Refusal::Unknown(_))
-        ));
-        assert!(matches!(
             tokens.authenticate(Some(&bearer("token-c-0123456789"))),
-            Err(Refusal::Unknown(_))
-        ));
+        ] {
+            assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
         std::fs::write(&path, "a:token-a-0123456789\n").unwrap();
         assert!(tokens.reload_if_changed().unwrap());
         assert!(

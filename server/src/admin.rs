@@ -118,7 +118,7 @@ impl AdminService {
                 .list()
                 .into_iter()
                 .map(|p| PinView {
-                    reference: p.reference,
+                    reference: p.reference(),
                     revision: p.revision,
                     bytes: p.bytes,
                 })
@@ -131,7 +131,7 @@ impl AdminService {
                 outcome.revision = catalog.revalidate(r.name()).await?.revision.id.clone();
                 // Pins of the model move to what the origin holds now.
                 for pin in pins.list().iter().filter(|p| p.name == r.name()) {
-                    let pinned = Reference::parse(&pin.reference)?;
+                    let pinned = Reference::new(&pin.name, &pin.variant)?;
                     crate::pinning::pin(&self.registry, &pinned).await?;
                 }
             }
@@ -140,7 +140,7 @@ impl AdminService {
                 (outcome.revision, outcome.bytes) = (pin.revision, pin.bytes);
             }
             Action::Unpin => {
-                let pin = pins.unpin(&r.to_string()).await?;
+                let pin = pins.unpin(r).await?;
                 (outcome.revision, outcome.bytes) = (pin.revision, pin.bytes);
             }
             // Parsed no reference: answered above.

@@ -227,6 +227,13 @@ pub struct TierUsage {
     pub disk_evictions: u64,
 }
 
+/// What one `get_or_read` call's own read did.
+#[derive(Default)]
+struct OwnRead {
+    ran: bool,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 impl ChunkCache {
     pub async fn open(dir: &Path, memory_capacity: u64, disk_capacity: u64) -> Result<Self> {
         let Some(block_size) = block_size(disk_capacity) else {
@@ -340,38 +347,38 @@ impl ChunkCache {
         if let Some(value) = self.landed(&key) {
             return Ok((value, Tier::Memory));
         }
-        // The room this call's read took, if its read was the one that ran.
-        let room = Arc::new(std::sync::Mutex::new(None));
-        // Whether this call's own `read` ran: a call that shared another's read (or found
-        // the chunk landing) did not go to the origin, and counts as a memory hit.
-        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // What this call's own `read` did, if it ran: a call that shared another's read
+        // (or found the chunk landing) did not go to the origin, and counts as a memory
+        // hit; and the landing room its read took.
+        let own = Arc::new(std::sync::Mutex::new(OwnRead::default()));
         let fetch = {
             let landing = self.landing.clone();
             let hybrid = self.hybrid.clone();
-            let (room, ran) = (room.clone(), ran.clone());
+            let own = own.clone();
             async move {
                 if let Some(value) = landing.get(&key) {
                     return Ok(value);
                 }
                 let permit = landing.room().await;
-                ran.store(true, std::sync::atomic::Ordering::Relaxed);
+                own.lock().expect("read lock").ran = true;
                 let value = read.await?;
                 // A large origin read may have put it into the tiers itself meanwhile.
                 if landing.get(&key).is_none() && !hybrid.memory().contains(&key) {
-                    *room.lock().expect("room lock") = Some(permit);
+                    own.lock().expect("read lock").room = Some(permit);
                 }
                 Ok(value)
             }
         };
         let entry = self.get_or_fetch(key, fetch).await?;
         let value = entry.value().clone();
-        if let Some(permit) = room.lock().expect("room lock").take() {
+        let OwnRead { ran, room } = std::mem::take(&mut *own.lock().expect("read lock"));
+        if let Some(permit) = room {
             // Queued before it is held, so that landing's next round waits for this write.
             self.hybrid.storage().enqueue(entry.piece(), true);
             self.landing.hold(key, value.clone(), permit);
         }
         let tier = match tier_of(entry.source()) {
-            Tier::Origin if !ran.load(std::sync::atomic::Ordering::Relaxed) => Tier::Memory,
+            Tier::Origin if !ran => Tier::Memory,
             tier => tier,
         };
         Ok((value, tier))

@@ -19,7 +19,7 @@ use tonic::transport::server::TcpConnectInfo;
 use tower_layer::{Layer, Stack};
 use tracing::Instrument;
 
-use modelcache_proto::auth::{Refusal, Tokens};
+use modelcache_proto::auth::Tokens;
 
 use crate::access::{Access, RpcNote};
 use crate::quotas::{PacedBody, Quotas};
@@ -90,7 +90,6 @@ where
             .to_owned();
         // Health probes (peers send one every few seconds) and reflection log at debug.
         let routine = path.starts_with("/grpc.");
-        let health = path.starts_with("/grpc.health.v1.Health/");
         self.stats.rpc(fetch);
         let peer = request
             .extensions()
@@ -125,23 +124,20 @@ where
             &self.stats,
         );
         let mut admitted = None;
-        if let Some(tokens) = self.gate.tokens.as_ref().filter(|_| !health) {
-            let refused =
-                match tokens.authenticate(request.headers().get(http::header::AUTHORIZATION)) {
-                    Err(Refusal::Unknown(why) | Refusal::OutOfScope(why)) => {
-                        Some(tonic::Status::unauthenticated(why))
-                    }
-                    Ok(caller) => {
-                        access.client = Some(caller.name.clone());
-                        let quota = match &self.gate.quotas {
-                            Some(quotas) => quotas.admit(&caller.name, fetch).map(Some),
-                            None => Ok(None),
-                        };
-                        request.extensions_mut().insert(caller);
-                        quota.map(|a| admitted = a).err()
-                    }
+        if let Some(tokens) = &self.gate.tokens {
+            // Let in by a token, then within its client's quotas; refusals are logged and
+            // counted through the call's access record like any call.
+            let admission = tokens.admit(&mut request).and_then(|caller| {
+                let Some(caller) = caller else {
+                    return Ok(());
                 };
-            if let Some(refused) = refused {
+                access.client = Some(caller.name.clone());
+                if let Some(quotas) = &self.gate.quotas {
+                    admitted = Some(quotas.admit(&caller.name, fetch)?);
+                }
+                Ok(())
+            });
+            if let Err(refused) = admission {
                 let refused = refused.into_http();
                 return Box::pin(async move { Ok(access.observe(refused)) });
             }

@@ -14,13 +14,12 @@ use crate::registry::Registry;
 /// Pins `reference` at the revision the node serves now (a pin already at that revision
 /// is kept as it is); the pin made.
 pub async fn pin(registry: &Arc<Registry>, reference: &Reference) -> Result<Pin> {
-    let key = reference.to_string();
     let rev = registry.resolve(reference).await?.revision;
     let pins = registry.pins();
-    if let Some(pin) = pins.get(&key).filter(|p| p.revision == rev.id) {
+    if let Some(pin) = pins.get(reference).filter(|p| p.revision == rev.id) {
         return Ok(pin);
     }
-    pins.check_room(&key, rev.total_size)?;
+    pins.check_room(reference, rev.total_size)?;
     let staging = pins.staging()?;
     let mut files = Vec::with_capacity(rev.files.len());
     let mut staged = Vec::with_capacity(rev.files.len());
@@ -36,7 +35,6 @@ pub async fn pin(registry: &Arc<Registry>, reference: &Reference) -> Result<Pin>
         staged.push(path);
     }
     let pin = Pin {
-        reference: key,
         name: rev.name.clone(),
         variant: rev.variant.clone(),
         revision: rev.id.clone(),
@@ -45,7 +43,7 @@ pub async fn pin(registry: &Arc<Registry>, reference: &Reference) -> Result<Pin>
     };
     if let Some(earlier) = pins.commit(pin.clone(), staged).await? {
         tracing::info!(
-            reference = %pin.reference, from = %earlier.revision, to = %pin.revision,
+            reference = %pin.reference(), from = %earlier.revision, to = %pin.revision,
             "pin moved to the model's new revision"
         );
     }
@@ -60,12 +58,12 @@ pub async fn keep_current(registry: Arc<Registry>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         for pinned in registry.pins().list() {
-            let Ok(reference) = Reference::parse(&pinned.reference) else {
+            let Ok(reference) = Reference::new(&pinned.name, &pinned.variant) else {
                 continue;
             };
             if let Err(e) = pin(&registry, &reference).await {
                 tracing::warn!(
-                    reference = %pinned.reference, revision = %pinned.revision,
+                    reference = %pinned.reference(), revision = %pinned.revision,
                     "could not bring a pin to the model's current revision: {e}"
                 );
             }

@@ -12,6 +12,8 @@ use std::sync::RwLock;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use modelcache_proto::Reference;
+
 use crate::cache::ChunkKey;
 use crate::error::{Error, Result};
 use crate::manifest::{Revision, chunk_range};
@@ -23,8 +25,6 @@ const STAGING: &str = "staging";
 /// One pinned model, as `pins.json` keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pin {
-    /// `name` or `name:variant`, as pinned.
-    pub reference: String,
     pub name: String,
     pub variant: String,
     pub revision: String,
@@ -38,6 +38,17 @@ pub struct PinnedFile {
     pub size: u64,
     pub etag: String,
     pub sha256: String,
+}
+
+impl Pin {
+    /// `name:variant`.
+    pub fn reference(&self) -> String {
+        format!("{}:{}", self.name, self.variant)
+    }
+
+    fn is(&self, reference: &Reference) -> bool {
+        self.name == reference.name() && self.variant == reference.variant()
+    }
 }
 
 impl PinnedFile {
@@ -86,7 +97,11 @@ impl Pins {
         let list = dir.join(LIST);
         let saved: Vec<Pin> = match std::fs::read(&list) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Config(format!("{} is not a list of pins: {e}", list.display()))
+                Error::Config(format!(
+                    "{} is not a list of pins: {e}; move it away to start without pins (the \
+                     models stay in the origin), then pin them again",
+                    list.display()
+                ))
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io_error(&list, e)),
@@ -98,7 +113,7 @@ impl Pins {
         };
         let (kept, lost): (Vec<Pin>, Vec<Pin>) = saved.into_iter().partition(intact);
         for pin in &lost {
-            tracing::warn!(reference = %pin.reference, "a pinned file is missing; unpinned");
+            tracing::warn!(reference = %pin.reference(), "a pinned file is missing; unpinned");
         }
         let pins = Self {
             dir: dir.to_owned(),
@@ -156,8 +171,8 @@ impl Pins {
     }
 
     /// The pin of `reference`, if any.
-    pub fn get(&self, reference: &str) -> Option<Pin> {
-        self.list().into_iter().find(|p| p.reference == reference)
+    pub fn get(&self, reference: &Reference) -> Option<Pin> {
+        self.list().into_iter().find(|p| p.is(reference))
     }
 
     /// A folder to write a pin's files into before `commit`; removed when dropped.
@@ -168,11 +183,11 @@ impl Pins {
     }
 
     /// Refuses a pin of `bytes` the filesystem has no room for.
-    pub fn check_room(&self, reference: &str, bytes: u64) -> Result<()> {
+    pub fn check_room(&self, reference: &Reference, bytes: u64) -> Result<()> {
         let free = fs4::available_space(&self.dir).map_err(|e| io_error(&self.dir, e))?;
         if bytes > free {
             return Err(Error::NoRoomToPin {
-                reference: reference.to_owned(),
+                reference: reference.to_string(),
                 dir: self.dir.display().to_string(),
                 needed: bytes,
                 free,
@@ -193,7 +208,7 @@ impl Pins {
         let mut pins = self.list();
         let earlier = pins
             .iter()
-            .position(|p| p.reference == pin.reference)
+            .position(|p| (&p.name, &p.variant) == (&pin.name, &pin.variant))
             .map(|i| pins.remove(i));
         pins.push(pin);
         self.install(pins)?;
@@ -202,12 +217,12 @@ impl Pins {
     }
 
     /// Stops serving the pin of `reference` and removes its files.
-    pub async fn unpin(&self, reference: &str) -> Result<Pin> {
+    pub async fn unpin(&self, reference: &Reference) -> Result<Pin> {
         let _writing = self.writing.lock().await;
         let mut pins = self.list();
-        let Some(i) = pins.iter().position(|p| p.reference == reference) else {
+        let Some(i) = pins.iter().position(|p| p.is(reference)) else {
             return Err(Error::NotPinned {
-                reference: reference.to_owned(),
+                reference: reference.to_string(),
             });
         };
         let pin = pins.remove(i);
@@ -254,10 +269,20 @@ impl Pins {
     }
 }
 
+/// The bytes of `range` of the file at `path`, read into spare capacity (no zero-fill of
+/// a 2 MiB buffer per chunk); a file shorter than the range is an error.
 fn read_at(path: &Path, range: std::ops::Range<u64>) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
-    let mut buf = vec![0; (range.end - range.start) as usize];
-    file.read_exact_at(&mut buf, range.start)?;
+    use std::io::{Read, Seek};
+    let len = range.end - range.start;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(range.start))?;
+    let mut buf = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut buf)?;
+    if buf.len() as u64 != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{} ends before byte {}", path.display(), range.end),
+        ));
+    }
     Ok(Bytes::from(buf))
 }

@@ -121,13 +121,11 @@ async fn only_granted_tokens_get_in_within_their_scope_and_a_rewrite_revokes() {
     let text = String::from_utf8_lossy(&pin.stderr);
     assert!(text.contains("token \"team-a\" may not admin"), "{text}");
     // `models` shows a scoped token only its models.
-    let out = agent_command(&node.url, &sandbox.dir())
-        .env("CACHE_AGENT_TOKEN", TEAM)
-        .arg("models")
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{listed}");
+    let listed = run_ok(
+        agent_command(&node.url, &sandbox.dir())
+            .env("CACHE_AGENT_TOKEN", TEAM)
+            .arg("models"),
+    );
     assert!(
         listed.contains("org-a/bert") && !listed.contains("org-b/gpt"),
         "{listed}"
@@ -137,19 +135,13 @@ async fn only_granted_tokens_get_in_within_their_scope_and_a_rewrite_revokes() {
     // token is a usage error.
     let token_file = dir.join("ops-token");
     std::fs::write(&token_file, format!("{OPS}\n")).unwrap();
-    let out = agent_command(&node.url, &sandbox.dir())
-        .arg("--token-file")
-        .arg(&token_file)
-        .args(["prefetch", "org-a/bert"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let path = run_ok(
+        agent_command(&node.url, &sandbox.dir())
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["prefetch", "org-a/bert"]),
     );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_same_files(std::path::Path::new(&path), &bert);
+    assert_same_files(std::path::Path::new(path.trim()), &bert);
     let out = agent_command(&node.url, &sandbox.dir())
         .args(["prefetch", "org-a/bert"])
         .output()
@@ -256,11 +248,7 @@ async fn peers_present_their_own_token_and_one_without_is_refused() {
     assert!(other.stats().peer_fill_bytes >= (5 * MIB) as u64);
     // Admin calls forwarded to the other member present the caller's token.
     let out = admin_with(&other.url, OPS, &["pins", "--cluster"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{out:?}");
 
     // A node that presents no peer token: the member that requires one refuses it, so it
     // counts that member as down (saying why) and reads the origin itself.

@@ -445,15 +445,7 @@ async fn a_flipped_byte_is_found_and_only_its_chunk_is_fetched_again() {
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(stderr.contains("chunk 2"), "{stderr}");
     let before = node.stats().bytes_served;
-    let out = agent_cmd(&node.url, &dir)
-        .args(["prefetch", "eps"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(agent_cmd(&node.url, &dir).args(["prefetch", "eps"]));
     assert_eq!(node.stats().bytes_served - before, 2 * MIB as u64);
     assert_same_files(&dir.join("eps/@original"), &files);
     let verify = agent_cmd(&node.url, &dir)
@@ -496,15 +488,7 @@ async fn with_the_node_down_get_returns_the_local_copy_and_ensure_names_the_node
         .unwrap();
     assert!(out.status.success());
     node.stop().await;
-    let out = agent_cmd(&url, &dir)
-        .args(["get", "zeta"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(agent_cmd(&url, &dir).args(["get", "zeta"]));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         dir.join("zeta/@original").to_str().unwrap()

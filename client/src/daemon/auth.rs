@@ -10,8 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use modelcache_proto::auth::{Refusal, Tokens};
-use tonic::Status;
+use modelcache_proto::auth::Tokens;
 use tonic::body::Body;
 use tonic::codegen::http;
 
@@ -53,17 +52,9 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let health = request.uri().path().starts_with("/grpc.health.v1.Health/");
-        if let Some(tokens) = self.tokens.as_ref().filter(|_| !health) {
-            match tokens.authenticate(request.headers().get(http::header::AUTHORIZATION)) {
-                Ok(caller) => {
-                    request.extensions_mut().insert(caller);
-                }
-                Err(Refusal::Unknown(why) | Refusal::OutOfScope(why)) => {
-                    let refused = Status::unauthenticated(why).into_http();
-                    return Box::pin(async move { Ok(refused) });
-                }
-            }
+        if let Some(Err(refused)) = self.tokens.as_ref().map(|t| t.admit(&mut request)) {
+            let refused = refused.into_http();
+            return Box::pin(async move { Ok(refused) });
         }
         Box::pin(self.inner.call(request))
     }
