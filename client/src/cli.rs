@@ -41,6 +41,20 @@ pub struct Cli {
     #[arg(long, env = "CACHE_AGENT_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
 
+    /// The CA (PEM) that `https://` nodes' certificates must chain to; without it, the
+    /// system's CA bundle. Read again when it changes.
+    #[arg(long, env = "CACHE_AGENT_CA", global = true)]
+    pub ca: Option<PathBuf>,
+
+    /// For nodes that require client certificates (mutual TLS): this agent's certificate
+    /// (PEM); needs --key.
+    #[arg(long, env = "CACHE_AGENT_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "CACHE_AGENT_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+
     /// Output for scripts: JSON on stdout (`ls`, `stat`, `models`, `nodes`, `prefetch`,
     /// `get`, `admin`).
     #[arg(long, global = true)]
@@ -95,7 +109,7 @@ pub enum Command {
     Nodes { reference: Option<String> },
     /// Run the agent daemon: prefetch in the background, answer workers over gRPC
     /// (`modelcache.v1.Agent`), keep DIR within --max-size.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Operator controls of the nodes (`modelcache.v1.Admin`): one line per node, with
     /// the revision it serves or why the call failed there.
     #[command(subcommand)]
@@ -186,6 +200,19 @@ pub struct DaemonArgs {
     /// given: then a unix socket's permissions decide who may call.
     #[arg(long, env = "CACHE_AGENT_AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
+
+    /// Serve TLS on a TCP --listen with this certificate chain (PEM); needs --tls-key.
+    /// Read again when it changes.
+    #[arg(long, env = "CACHE_AGENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CACHE_AGENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: workers must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "CACHE_AGENT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -160,8 +160,28 @@ fn connection_broke(status: &tonic::Status) -> bool {
     .any(|needle| text.to_ascii_lowercase().contains(needle))
 }
 
+/// Whether a call failed because the node's bytes were not HTTP/2 frames: a TLS record
+/// (the alert a TLS node answers a plaintext client with) read as a frame is far too large.
+fn not_http2(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.to_string().contains("frame with invalid size") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 impl From<tonic::Status> for AgentError {
     fn from(status: tonic::Status) -> Self {
+        if not_http2(&status) {
+            return AgentError::Unavailable {
+                message: "the node's answer was not HTTP/2 (frame with invalid size): it \
+                          likely serves TLS; then use https:// and --ca"
+                    .into(),
+            };
+        }
         if connection_broke(&status) {
             return AgentError::Unavailable {
                 message: format!(

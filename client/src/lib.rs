@@ -74,8 +74,8 @@ pub struct Agent {
     direct: bool,
     /// Never ask a node: local copies only.
     offline: bool,
-    /// Presented to the nodes, when they require tokens.
-    token: node::Token,
+    /// Presented to the nodes: a token, when they require one, and TLS settings.
+    credentials: node::Credentials,
 }
 
 /// A cluster member as a node reported it, with its place in a model's rank order.
@@ -102,7 +102,7 @@ impl Agent {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             direct: false,
             offline: false,
-            token: None,
+            credentials: node::Credentials::default(),
         }
     }
 
@@ -110,13 +110,19 @@ impl Agent {
     pub fn with_token(mut self, token: &str) -> Result<Self> {
         let header = modelcache_proto::auth::bearer(token)
             .map_err(|message| AgentError::Config { message })?;
-        self.token = Some(header);
+        self.credentials.token = Some(header);
         Ok(self)
     }
 
-    /// The `authorization` header presented to the nodes, if any.
-    pub fn token(&self) -> &node::Token {
-        &self.token
+    /// Calls `https://` nodes with `tls` (`--ca`, `--cert`, `--key`).
+    pub fn with_tls(mut self, tls: std::sync::Arc<modelcache_proto::tls::ClientTls>) -> Self {
+        self.credentials.tls = Some(tls);
+        self
+    }
+
+    /// What is presented to the nodes.
+    pub fn credentials(&self) -> &node::Credentials {
+        &self.credentials
     }
 
     /// With `offline`, `prefetch` and `get` return local copies (sizes checked) and never
@@ -219,7 +225,7 @@ impl Agent {
         if let Some(connected) = slot.as_ref() {
             return Ok(connected.clone());
         }
-        let connected = node::connect_from(&self.nodes, 0, &self.token).await?;
+        let connected = node::connect_from(&self.nodes, 0, &self.credentials).await?;
         *slot = Some(connected.clone());
         Ok(connected)
     }
@@ -299,7 +305,7 @@ impl Agent {
 
     async fn prefetch_online(&self, reference: &Reference, progress: &Progress) -> Result<Fetched> {
         let route = self.route(reference).await;
-        let (mut client, mut index) = node::connect_from(&route, 0, &self.token).await?;
+        let (mut client, mut index) = node::connect_from(&route, 0, &self.credentials).await?;
         let mut attempt = 1;
         // Every node once, and a few model changes.
         let max_failovers = route.len() as u32 + 1;
@@ -327,7 +333,8 @@ impl Agent {
                 {
                     failovers += 1;
                     let from = route[index].clone();
-                    (client, index) = node::connect_from(&route, index + 1, &self.token).await?;
+                    (client, index) =
+                        node::connect_from(&route, index + 1, &self.credentials).await?;
                     tracing::warn!(%reference, "{from}: {e}; going on with {}", route[index]);
                     continue;
                 }

@@ -82,6 +82,33 @@ fn token(file: Option<&std::path::Path>) -> Result<Option<String>, AgentError> {
         .filter(|t| !t.is_empty()))
 }
 
+/// The TLS `https://` nodes are called with: `--ca` (else the system's bundle), and for
+/// mutual TLS `--cert` and `--key`; loaded when any of them is given or a node is
+/// `https://`, so that a bad file is reported before anything else happens.
+fn client_tls(
+    ca: &Option<std::path::PathBuf>,
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    nodes: &[String],
+) -> Result<Option<std::sync::Arc<modelcache_proto::tls::ClientTls>>, AgentError> {
+    let https = nodes.iter().any(|n| modelcache_proto::tls::is_https(n));
+    if ca.is_none() && cert.is_none() && !https {
+        return Ok(None);
+    }
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some(modelcache_proto::tls::Identity {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    modelcache_proto::tls::ClientTls::load(ca.clone(), identity)
+        .map(Some)
+        .map_err(|e| AgentError::Config {
+            message: e.to_string(),
+        })
+}
+
 fn parse_all(references: &[String]) -> Result<Vec<Reference>, AgentError> {
     references
         .iter()
@@ -100,6 +127,10 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
         .with_idle_timeout(cli.idle_timeout);
     let agent = match token(cli.token_file.as_deref())? {
         Some(token) => agent.with_token(&token)?,
+        None => agent,
+    };
+    let agent = match client_tls(&cli.ca, &cli.cert, &cli.key, &node_urls)? {
+        Some(tls) => agent.with_tls(tls),
         None => agent,
     };
     let json = cli.json;
@@ -126,7 +157,7 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
             Ok(())
         }
         Command::Verify { sha256, reference } => verify(&agent, sha256, reference).await,
-        Command::Daemon(args) => daemon(agent, args).await,
+        Command::Daemon(args) => daemon(agent, *args).await,
         Command::Ls if json => {
             let models: Vec<_> = agent
                 .ls()
@@ -170,7 +201,7 @@ async fn run(cli: Cli) -> Result<(), AgentError> {
         }
         Command::Models => models(&agent, json).await,
         Command::Nodes { reference } => nodes(&agent, reference, json).await,
-        Command::Admin(command) => admin(&node_urls, agent.token(), command, json).await,
+        Command::Admin(command) => admin(&node_urls, agent.credentials(), command, json).await,
     }
 }
 
@@ -196,10 +227,21 @@ async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
             .map(modelcache_proto::auth::Tokens::load)
             .transpose()
             .map_err(|message| AgentError::Config { message })?,
+        tls: daemon_tls(&args.tls_cert, &args.tls_key, &args.tls_client_ca)?,
     };
+    let tcp = matches!(options.listen, cache_agent::daemon::socket::Listen::Tcp(_));
+    if options.tls.is_some() && !tcp {
+        return Err(AgentError::Config {
+            message: "--tls-cert is for a TCP --listen (HOST:PORT); a unix socket relies on \
+                      its file permissions"
+                .into(),
+        });
+    }
+    let mutual = options.tls.as_ref().is_some_and(|t| t.mutual());
     if let cache_agent::daemon::socket::Listen::Tcp(addr) = &options.listen
         && !addr.ip().is_loopback()
         && options.tokens.is_none()
+        && !mutual
     {
         tracing::warn!(
             %addr,
@@ -207,14 +249,41 @@ async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
              who can reach {addr} can use it"
         );
     }
+    // Certificates the daemon calls nodes with are read again when they change, too.
+    if let Some(tls) = agent.credentials().tls.clone() {
+        tokio::spawn(modelcache_proto::tls::watch(
+            tls,
+            std::time::Duration::from_secs(1),
+        ));
+    }
     cache_agent::daemon::run(agent, options, |address| out!("{address}")).await
+}
+
+/// The daemon's TLS: `--tls-cert` and `--tls-key`, with `--tls-client-ca` for mutual TLS.
+fn daemon_tls(
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    client_ca: &Option<std::path::PathBuf>,
+) -> Result<Option<std::sync::Arc<modelcache_proto::tls::ServerTls>>, AgentError> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let identity = modelcache_proto::tls::Identity {
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    modelcache_proto::tls::ServerTls::load(identity, client_ca.clone())
+        .map(Some)
+        .map_err(|e| AgentError::Config {
+            message: format!("--tls-cert: {e}"),
+        })
 }
 
 /// `cache-agent admin …`: one line per node (`ID ADDRESS` and the revision it serves, or
 /// `error: …`), or a JSON array with `--json`; fails when the call failed on any node.
 async fn admin(
     nodes: &[String],
-    token: &cache_agent::node::Token,
+    credentials: &cache_agent::node::Credentials,
     command: AdminCommand,
     json: bool,
 ) -> Result<(), AgentError> {
@@ -230,7 +299,7 @@ async fn admin(
     if !listing {
         Reference::parse(&reference)?;
     }
-    let mut client = cache_agent::node::admin(nodes, token).await?;
+    let mut client = cache_agent::node::admin(nodes, credentials).await?;
     let request = modelcache_proto::v1::AdminRequest { reference, cluster };
     let answer = match command {
         Invalidate { .. } => client.invalidate(request).await?,

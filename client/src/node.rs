@@ -1,10 +1,12 @@
 //! Connecting to cache nodes: the first of `--node URL,…` that answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use modelcache_proto::Reference;
 use modelcache_proto::auth::WithToken;
 use modelcache_proto::parts::{self, CHECK_PROTOCOL, MANIFEST_PROTOCOL, ResolveError};
+use modelcache_proto::tls::{self, ClientTls};
 use modelcache_proto::v1;
 use modelcache_proto::v1::admin_client::AdminClient;
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
@@ -20,8 +22,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A node client whose calls carry the current span's trace context.
 pub type NodeClient = ModelCacheClient<Traced<WithToken<Channel>>>;
 
-/// The `authorization` header an agent presents to nodes, if it has a token.
-pub type Token = Option<tonic::codegen::http::HeaderValue>;
+/// What an agent presents to nodes: the `authorization` header, if it has a token, and
+/// the TLS settings `https://` nodes are called with (`--ca`, `--cert`, `--key`; without
+/// them, the system's CA bundle and no client certificate).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub token: Option<tonic::codegen::http::HeaderValue>,
+    pub tls: Option<Arc<ClientTls>>,
+}
 
 /// Default node address.
 pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
@@ -32,15 +40,8 @@ fn endpoint(url: &str) -> Result<Endpoint> {
     } else {
         format!("http://{url}")
     };
-    // Never a silent downgrade: `https://` means TLS, which this agent cannot speak yet.
-    if url.starts_with("https://") {
-        return Err(AgentError::Config {
-            message: format!(
-                "{url}: https:// needs TLS, which this cache-agent does not support yet; use \
-                 http:// on a private network (docs/security.md)"
-            ),
-        });
-    }
+    // An `https://` node is called through `tls::Connect`, which makes the connection TLS.
+    let url = tls::plain_uri(&url);
     Endpoint::from_shared(url.clone())
         .map(|e| {
             e.connect_timeout(CONNECT_TIMEOUT)
@@ -68,8 +69,8 @@ pub fn url_of(address: &str, given: &[String]) -> String {
 }
 
 /// Connects to the first node of `nodes` that accepts a connection.
-pub async fn connect(nodes: &[String], token: &Token) -> Result<NodeClient> {
-    connect_from(nodes, 0, token)
+pub async fn connect(nodes: &[String], credentials: &Credentials) -> Result<NodeClient> {
+    connect_from(nodes, 0, credentials)
         .await
         .map(|(client, _)| client)
 }
@@ -79,12 +80,12 @@ pub async fn connect(nodes: &[String], token: &Token) -> Result<NodeClient> {
 pub async fn connect_from(
     nodes: &[String],
     first: usize,
-    token: &Token,
+    credentials: &Credentials,
 ) -> Result<(NodeClient, usize)> {
-    let (channel, index) = channel_from(nodes, first).await?;
+    let (channel, index) = channel_from(nodes, first, credentials).await?;
     let client = ModelCacheClient::new(Traced(WithToken {
         inner: channel,
-        token: token.clone(),
+        token: credentials.token.clone(),
     }))
     .max_decoding_message_size(MAX_MESSAGE_SIZE)
     .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -94,28 +95,44 @@ pub async fn connect_from(
 /// The operator controls of the first node of `nodes` that accepts a connection.
 pub async fn admin(
     nodes: &[String],
-    token: &Token,
+    credentials: &Credentials,
 ) -> Result<AdminClient<Traced<WithToken<Channel>>>> {
-    let (channel, _) = channel_from(nodes, 0).await?;
+    let (channel, _) = channel_from(nodes, 0, credentials).await?;
     Ok(AdminClient::new(Traced(WithToken {
         inner: channel,
-        token: token.clone(),
+        token: credentials.token.clone(),
     })))
 }
 
 /// A connection to the first node that accepts one, in the order of `connect_from`.
-async fn channel_from(nodes: &[String], first: usize) -> Result<(Channel, usize)> {
+async fn channel_from(
+    nodes: &[String],
+    first: usize,
+    credentials: &Credentials,
+) -> Result<(Channel, usize)> {
     let mut failures = Vec::new();
     let order = (0..nodes.len()).map(|i| (first + i) % nodes.len());
     for (index, url) in order.map(|i| (i, &nodes[i])) {
-        match endpoint(url)?.connect().await {
+        let endpoint = endpoint(url)?;
+        let connected = if tls::is_https(url) {
+            let tls = match &credentials.tls {
+                Some(tls) => tls.clone(),
+                None => ClientTls::load(None, None).map_err(|e| AgentError::Config {
+                    message: format!("{url}: {e}"),
+                })?,
+            };
+            endpoint.connect_with_connector(tls.connect(None)).await
+        } else {
+            endpoint.connect_with_connector(tls::PlainConnect).await
+        };
+        match connected {
             Ok(channel) => {
                 tracing::debug!(node = %url, "connected");
                 return Ok((channel, index));
             }
             Err(e) => {
                 tracing::info!(node = %url, "cannot connect: {}", error_chain(&e));
-                failures.push(format!("{url}: {}", error_chain(&e)));
+                failures.push(format!("{url}: {}{}", error_chain(&e), hint(url, &e)));
             }
         }
     }
@@ -157,12 +174,42 @@ pub fn older_node(status: tonic::Status, reference: &Reference) -> AgentError {
     status.into()
 }
 
+/// What a failed connection most likely means, when TLS is at the root of it.
+fn hint(url: &str, e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let text = error_chain(e);
+    if text.contains("TLS handshake") {
+        // `tls::Connect` has said what it can.
+        ""
+    } else if tls::is_https(url) && text.contains("alert") {
+        " (the node refused this agent's certificate: give --cert and --key, signed by the \
+         node's --tls-client-ca)"
+    } else if !tls::is_https(url)
+        && [
+            "connection closed",
+            "frame",
+            "protocol error",
+            "reset",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|w| text.contains(w))
+    {
+        " (does the node serve TLS? then use https:// and --ca)"
+    } else {
+        ""
+    }
+}
+
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // A cause already told (an I/O error that repeats its source) is not repeated.
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
         source = s.source();
     }
     text

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod parts;
 pub mod rank;
 pub mod reference;
+pub mod tls;
 
 pub use reference::{Reference, ReferenceError, check_file_path, check_file_paths};
 

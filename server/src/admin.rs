@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::code_name;
 use crate::cluster::{Cluster, MemberView};
-use crate::error::{Error, Result, error_chain};
+use crate::error::{Error, Result};
 use crate::registry::Registry;
 
 /// How long a member may take to answer a forwarded call; a pin writes a whole model.
@@ -83,7 +83,7 @@ impl AdminService {
                     reference: request.reference.clone(),
                     cluster: false,
                 };
-                forward(member, request, action, token.clone()).await
+                forward(&self.cluster, member, request, action, token.clone()).await
             });
         }
         Ok(AdminResponse { nodes })
@@ -162,6 +162,7 @@ fn action_name(action: Action) -> &'static str {
 
 /// The call on one other member (for itself only); its failure is its outcome.
 async fn forward(
+    cluster: &Cluster,
     member: &MemberView,
     request: AdminRequest,
     action: Action,
@@ -169,11 +170,7 @@ async fn forward(
 ) -> NodeOutcome {
     let address = member.address.clone();
     let call = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("not an address: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the member: {}", error_chain(&e)))?;
+        let channel = cluster.dial(&address).await?;
         let mut client = AdminClient::new(WithToken {
             inner: channel,
             token,

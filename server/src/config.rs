@@ -5,10 +5,12 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use modelcache_proto::tls::{ClientTls, Identity, ServerTls};
 
 use crate::checksum::ChecksumPolicy;
 use crate::error::{Error, Result};
@@ -189,6 +191,21 @@ pub struct Config {
     /// must grant it); read at start.
     #[arg(long, env = "CACHE_NODE_PEER_TOKEN_FILE")]
     pub peer_token_file: Option<PathBuf>,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. Also the client
+    /// certificate this node presents to its peers. Read again when it changes.
+    #[arg(long, env = "CACHE_NODE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM). Read again when it changes.
+    #[arg(long, env = "CACHE_NODE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: every client must present a certificate signed by this CA (PEM); peers'
+    /// certificates are checked against it too. Needs --tls-cert. Read again when it
+    /// changes.
+    #[arg(long, env = "CACHE_NODE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// `Fetch` streams each client (the name of its token) may have open at once; one more
     /// is refused with RESOURCE_EXHAUSTED. Needs --auth-tokens-file. Off unless given.
@@ -436,6 +453,39 @@ impl Config {
             region: self.s3_region.clone(),
             allow_http: self.s3_allow_http,
         }
+    }
+
+    /// The TLS this node serves (`--tls-cert`, `--tls-key`, `--tls-client-ca`) and the TLS
+    /// it calls its peers with, when it has any: its own certificate, and theirs checked
+    /// against the client CA. `None` when it serves plaintext.
+    #[allow(clippy::type_complexity)]
+    pub fn tls(&self) -> Result<Option<(Arc<ServerTls>, Option<Arc<ClientTls>>)>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let identity = Identity {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let server = ServerTls::load(identity.clone(), self.tls_client_ca.clone())
+            .map_err(|e| Error::Config(format!("--tls-cert: {e}")))?;
+        let has_peers = self.peers.iter().any(|p| !p.trim().is_empty());
+        let client = match (&self.tls_client_ca, has_peers) {
+            (_, false) => None,
+            (Some(ca), true) => Some(
+                ClientTls::load(Some(ca.clone()), Some(identity))
+                    .map_err(|e| Error::Config(format!("--tls-client-ca: {e}")))?,
+            ),
+            (None, true) => {
+                return Err(Error::Config(
+                    "--peers with --tls-cert: peers are called over TLS, and their \
+                     certificates are checked against --tls-client-ca; give it (the CA that \
+                     signed the cluster's certificates)"
+                        .into(),
+                ));
+            }
+        };
+        Ok(Some((server, client)))
     }
 
     /// The address others reach this node at: `--advertise`, else the listen address (the

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use modelcache_proto::tls;
 use modelcache_proto::v1::admin_server::AdminServer;
 use modelcache_proto::v1::model_cache_server::ModelCacheServer;
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, STREAM_WINDOW};
@@ -29,7 +30,7 @@ pub struct Admission {
     pub shutdown_grace: Duration,
 }
 
-/// How often the tokens file is checked for changes.
+/// How often the tokens file and the TLS files are checked for changes.
 const TOKENS_CHECK: Duration = Duration::from_secs(1);
 
 /// How long connections may stay open after the grace, once their streams were ended
@@ -51,17 +52,44 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener address", e))?;
-    if !addr.ip().is_loopback() && gate.tokens.is_none() {
+    let mutual = gate.tls.as_ref().is_some_and(|t| t.mutual());
+    if !addr.ip().is_loopback() && gate.tokens.is_none() && !mutual {
         tracing::warn!(
             %addr,
             "authentication is OFF and this node listens beyond loopback: anyone who can \
-             reach {addr} can read every model in the origin (--auth-tokens-file)"
+             reach {addr} can read every model in the origin (--auth-tokens-file, \
+             --tls-client-ca)"
+        );
+    } else if !addr.ip().is_loopback() && gate.tls.is_none() {
+        tracing::warn!(
+            %addr,
+            "this node listens beyond loopback without TLS: tokens and models cross the \
+             network in plaintext (--tls-cert, --tls-key)"
         );
     }
     let tokens_watch = gate
         .tokens
         .clone()
         .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, TOKENS_CHECK)));
+    let certificates: Vec<Arc<dyn tls::Reload>> = [
+        gate.tls.clone().map(|t| t as Arc<dyn tls::Reload>),
+        cluster.tls().cloned().map(|t| t as Arc<dyn tls::Reload>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let certificates_watch = certificates
+        .into_iter()
+        .map(|t| tokio::spawn(tls::watch(t, TOKENS_CHECK)));
+    let tokens_watch: Vec<_> = tokens_watch.into_iter().chain(certificates_watch).collect();
+    if let Some(tls) = &gate.tls {
+        tracing::info!(
+            mutual = tls.mutual(),
+            cert = %tls.identity().cert.display(),
+            "serving TLS{}",
+            if tls.mutual() { " (clients must present certificates)" } else { "" }
+        );
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // The process answers at once (`""` is SERVING: peers probe that); the model service
     // is ready once the node has probed its peers, so that it ranks models as they do.
@@ -96,6 +124,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Config(format!("reflection: {e}")))?;
     let stats = registry.node_stats().clone();
+    let tls = gate.tls.clone();
     let admin = AdminService::new(registry.clone(), cluster.clone());
     let trimmer = tokio::spawn(crate::trim::return_freed_memory(
         registry.read_ahead().clone(),
@@ -146,9 +175,13 @@ pub async fn serve(
         .add_service(service)
         .add_service(AdminServer::new(admin))
         .serve_with_incoming_shutdown(
-            listener::incoming(
-                listener,
-                admission.max_connections,
+            listener::maybe_tls(
+                listener::incoming(
+                    listener,
+                    admission.max_connections,
+                    admission.handshake_timeout,
+                ),
+                tls,
                 admission.handshake_timeout,
             ),
             shutdown,

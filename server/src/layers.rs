@@ -20,6 +20,7 @@ use tower_layer::{Layer, Stack};
 use tracing::Instrument;
 
 use modelcache_proto::auth::Tokens;
+use modelcache_proto::tls::ServerTls;
 
 use crate::access::{Access, RpcNote};
 use crate::quotas::{PacedBody, Quotas};
@@ -33,6 +34,9 @@ pub struct Gate {
     pub tokens: Option<Arc<Tokens>>,
     /// Limits per token name; `None`: no limits.
     pub quotas: Option<Arc<Quotas>>,
+    /// The TLS the node serves; with a client CA, only clients with a certificate it
+    /// signed get as far as a call. `None`: plaintext.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// The stack, outermost layer last.

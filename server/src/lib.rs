@@ -124,6 +124,10 @@ impl Node {
             })
             .transpose()
             .map_err(Error::Config)?;
+        let (tls, peer_tls) = match config.tls()? {
+            Some((server, client)) => (Some(server), client),
+            None => (None, None),
+        };
         let cluster = Cluster::new(
             id,
             ClusterOptions {
@@ -132,6 +136,7 @@ impl Node {
                 probe_interval: config.probe_interval,
                 peer_timeout: config.peer_timeout,
                 token: peer_token,
+                tls: peer_tls,
             },
         );
         // A node alone ranks nothing: it owns every model.
@@ -145,6 +150,7 @@ impl Node {
             gate: layers::Gate {
                 quotas: config.quotas(tokens.is_some())?,
                 tokens,
+                tls,
             },
             admission: grpc::Admission {
                 max_connections: config.max_connections,
@@ -158,6 +164,11 @@ impl Node {
     /// The node's domain: resolving references, reading chunks, building variants.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// Whether the node serves TLS (`--tls-cert`).
+    pub fn serves_tls(&self) -> bool {
+        self.gate.tls.is_some()
     }
 
     /// The cluster as this node sees it.

@@ -125,3 +125,94 @@ impl Connected for Admitted {
         self.stream.connect_info()
     }
 }
+
+/// An admitted connection, made TLS when the node serves TLS.
+pub enum Conn {
+    Plain(Admitted),
+    Tls(Box<tokio_rustls::server::TlsStream<Admitted>>),
+}
+
+impl Conn {
+    fn io(self: Pin<&mut Self>) -> Pin<&mut (dyn AsyncReadWrite + Unpin)> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c),
+            Conn::Tls(c) => Pin::new(&mut **c),
+        }
+    }
+}
+
+/// Both halves of a connection, for [`Conn::io`].
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite {}
+
+impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(c) => c.is_write_vectored(),
+            Conn::Tls(c) => c.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    /// The client's address either way, so logs and the access record read it alike.
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(c) => c.connect_info(),
+            Conn::Tls(c) => c.get_ref().0.connect_info(),
+        }
+    }
+}
+
+/// The connections of `admitted`, through TLS handshakes when `tls` is given.
+pub fn maybe_tls(
+    admitted: impl Stream<Item = io::Result<Admitted>> + Send + 'static,
+    tls: Option<Arc<modelcache_proto::tls::ServerTls>>,
+    handshake: Duration,
+) -> Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>> {
+    use futures::StreamExt;
+    match tls {
+        Some(tls) => Box::pin(
+            modelcache_proto::tls::incoming(admitted, tls, handshake)
+                .map(|c| c.map(|c| Conn::Tls(Box::new(c)))),
+        ),
+        None => Box::pin(admitted.map(|c| c.map(Conn::Plain))),
+    }
+}

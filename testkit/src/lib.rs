@@ -10,6 +10,7 @@ pub use modelcache_quant::sample as resnet;
 pub use modelcache_quant::sample::rng;
 pub mod metrics;
 pub mod otlp;
+pub mod pki;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -267,7 +268,8 @@ impl TestNode {
     pub async fn start_on(node: Node, listener: TcpListener) -> Self {
         let registry = node.registry().clone();
         let cluster = node.cluster().clone();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if node.serves_tls() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(node.serve(listener, async {
             let _ = rx.await;

@@ -157,14 +157,7 @@ async fn only_granted_tokens_get_in_within_their_scope_and_a_rewrite_revokes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must hold one token"));
-    // `https://` is never quietly sent in plaintext.
-    let https = node.url.replace("http://", "https://");
-    let out = agent_command(&https, &sandbox.dir())
-        .args(["prefetch", "org-a/bert"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("https:// needs TLS"));
+    // `https://` against this plaintext node: tests/tls.rs.
 
     // Each call is counted under the name of the token that let it in.
     let (samples, _) = metrics::scrape(metrics_addr);

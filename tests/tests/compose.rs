@@ -87,7 +87,7 @@ fn services_ports_and_images() {
     let agent = service(&doc, "agent");
     assert_eq!(
         agent["environment"]["CACHE_AGENT_NODE"].as_str(),
-        Some("http://node-a:7070,http://node-b:7070,http://node-c:7070")
+        Some("https://node-a:7070,https://node-b:7070,https://node-c:7070")
     );
     assert!(
         agent["command"][0]
@@ -182,6 +182,34 @@ fn every_environment_variable_is_read_by_its_binary() {
         service(&doc, "agent")["environment"]["CACHE_AGENT_TOKEN_FILE"].as_str(),
         Some("/etc/modelcache/tokens/agent-token")
     );
+    // Every link is mutual TLS: the nodes serve and call each other with the demo
+    // certificates, and the agent calls them over https:// with its own.
+    for name in NODES {
+        let env = &service(&doc, name)["environment"];
+        for (var, file) in [
+            ("CACHE_NODE_TLS_CERT", "node.pem"),
+            ("CACHE_NODE_TLS_KEY", "node-key.pem"),
+            ("CACHE_NODE_TLS_CLIENT_CA", "ca.pem"),
+        ] {
+            assert_eq!(
+                env[var].as_str(),
+                Some(format!("/etc/modelcache/tls/{file}").as_str())
+            );
+            assert!(
+                root().join("deploy/compose/tls").join(file).is_file(),
+                "{file}"
+            );
+        }
+    }
+    let agent_env = &service(&doc, "agent")["environment"];
+    let nodes = agent_env["CACHE_AGENT_NODE"].as_str().unwrap();
+    assert!(
+        nodes.split(',').all(|n| n.starts_with("https://")),
+        "{nodes}"
+    );
+    for var in ["CACHE_AGENT_CA", "CACHE_AGENT_CERT", "CACHE_AGENT_KEY"] {
+        assert!(agent_env[var].as_str().is_some(), "{var}");
+    }
     // Jaeger gets every node's spans and Prometheus scrapes every node.
     for name in NODES {
         let env = &service(&doc, name)["environment"];

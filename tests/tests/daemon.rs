@@ -1007,3 +1007,101 @@ fn with_token<T>(token: &str, request: T) -> tonic::Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_reach_the_daemon_over_mutual_tls_and_the_daemon_reaches_a_tls_node() {
+    use modelcache_proto::tls::{ClientTls, Identity};
+    use modelcache_testkit::pki::{Ca, Validity};
+    let sandbox = Sandbox::start().await;
+    let files = model(62, 1, 1);
+    sandbox.seed("small", &files).await;
+    let run = sandbox.dir();
+    let ca = Ca::new(&run, "fleet");
+    let names = ["localhost", "127.0.0.1"];
+    let node_cert = ca.issue(&run, "node", &names, Validity::Current);
+    let daemon_cert = ca.issue(&run, "daemon", &names, Validity::Current);
+    let worker = ca.issue(&run, "worker", &["worker"], Validity::Current);
+    let mut config = sandbox.node_config();
+    config.tls_cert = Some(node_cert.cert.clone());
+    config.tls_key = Some(node_cert.key.clone());
+    config.tls_client_ca = Some(ca.cert.clone());
+    let node = TestNode::start(config).await;
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    // The daemon calls the node with its own certificate (global --ca, --cert, --key),
+    // and serves workers over mutual TLS.
+    let daemon = Daemon::start(
+        &node.url,
+        &run.join("models"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &path(&daemon_cert.cert),
+            "--tls-key",
+            &path(&daemon_cert.key),
+            "--tls-client-ca",
+            &path(&ca.cert),
+            "--ca",
+            &path(&ca.cert),
+            "--cert",
+            &path(&daemon_cert.cert),
+            "--key",
+            &path(&daemon_cert.key),
+        ],
+    );
+    let address = daemon.address.trim_start_matches("tcp://").to_owned();
+    let tls = |cert: Option<&modelcache_testkit::pki::Issued>| {
+        ClientTls::load(
+            Some(ca.cert.clone()),
+            cert.map(|c| Identity {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            }),
+        )
+        .unwrap()
+    };
+    let mut client = cache_agent::daemon::client::connect_with(&address, Some(tls(Some(&worker))))
+        .await
+        .unwrap();
+    let ok = client
+        .ensure(ensure_req("small"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same_files(Path::new(&ok.path), &files);
+    // A worker without a certificate, or speaking plaintext, gets nothing.
+    let bare = cache_agent::daemon::client::connect_with(&address, Some(tls(None))).await;
+    let refused = match bare {
+        Ok(mut c) => c
+            .ensure(ensure_req("small"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        refused.is_err(),
+        "a worker without a certificate was served"
+    );
+    let plain = match connect(&address).await {
+        Ok(mut c) => c
+            .ensure(ensure_req("small"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(plain.is_err(), "a plaintext worker was served");
+    // The daemon went on serving the worker with a certificate.
+    let again = client
+        .ensure(ensure_req("small"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.path, ok.path);
+    assert!(
+        daemon.log().contains("TLS handshake failed"),
+        "{}",
+        daemon.log()
+    );
+}

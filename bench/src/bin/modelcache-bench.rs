@@ -75,6 +75,10 @@ struct Opts {
     /// measure what tracing costs: compare with a run without it).
     #[arg(long)]
     traced: bool,
+    /// Nodes serve mutual TLS and agents call them with client certificates (to measure
+    /// what TLS costs: compare with a run without it).
+    #[arg(long)]
+    tls: bool,
     /// The Python with onnxruntime.
     #[arg(long, default_value = "target/py-venv/bin/python")]
     python: PathBuf,
@@ -111,6 +115,9 @@ async fn main() -> Result<()> {
     let spans = modelcache_testkit::otlp::Receiver::default();
     if opts.traced {
         measure::export_spans_to(spans.start().await);
+    }
+    if opts.tls {
+        measure::use_tls(&opts.work.join("tls"))?;
     }
 
     eprintln!("==> S3 server (in-process s3s) and test data");

@@ -71,7 +71,7 @@ pub fn check_sha(path: &Path, expected: &str) -> Result<()> {
 /// A gRPC client that fetches a model from the node and discards the bytes; with `verify`
 /// it checks every chunk's BLAKE3 first, as the agent does. Returns the bytes received.
 pub async fn fetch_discard(url: &str, reference: &str, verify: bool) -> Result<u64> {
-    let mut client = cache_agent::node::connect(&[url.to_owned()], &None).await?;
+    let mut client = cache_agent::node::connect(&[url.to_owned()], &credentials()).await?;
     let mut stream = client
         .fetch(modelcache_proto::v1::FetchRequest {
             reference: reference.into(),

@@ -26,9 +26,56 @@ fn traced(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// The certificates nodes and agents use (`--tls`), when they use TLS.
+static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
+
+struct Tls {
+    ca: PathBuf,
+    node: modelcache_testkit::pki::Issued,
+    agent: modelcache_testkit::pki::Issued,
+}
+
+/// Makes every node started from now on serve mutual TLS, and every agent call it with a
+/// client certificate: a CA and certificates made in `dir`.
+pub fn use_tls(dir: &Path) -> Result<()> {
+    use modelcache_testkit::pki::{Ca, Validity};
+    std::fs::create_dir_all(dir)?;
+    let ca = Ca::new(dir, "bench");
+    let names = ["localhost", "127.0.0.1"];
+    let tls = Tls {
+        node: ca.issue(dir, "node", &names, Validity::Current),
+        agent: ca.issue(dir, "agent", &["agent"], Validity::Current),
+        ca: ca.cert,
+    };
+    let _ = TLS.set(tls);
+    Ok(())
+}
+
+/// What agents in this process call nodes with: the client certificate under `--tls`.
+pub fn credentials() -> cache_agent::node::Credentials {
+    let tls = TLS.get().map(|tls| {
+        let identity = modelcache_proto::tls::Identity {
+            cert: tls.agent.cert.clone(),
+            key: tls.agent.key.clone(),
+        };
+        modelcache_proto::tls::ClientTls::load(Some(tls.ca.clone()), Some(identity))
+            .expect("the benchmark's certificates load")
+    });
+    cache_agent::node::Credentials { token: None, tls }
+}
+
+fn path_arg(flag: &str, path: &Path) -> [String; 2] {
+    [flag.to_owned(), path.display().to_string()]
+}
+
 fn agent(bin: &Path, node: &str, dir: &Path, reference: &str) -> Command {
     let mut cmd = Command::new(bin.join("cache-agent"));
     traced(&mut cmd);
+    if let Some(tls) = TLS.get() {
+        cmd.args(path_arg("--ca", &tls.ca))
+            .args(path_arg("--cert", &tls.agent.cert))
+            .args(path_arg("--key", &tls.agent.key));
+    }
     cmd.arg("--node")
         .arg(node)
         .arg("--dir")
@@ -185,6 +232,11 @@ impl NodeProcess {
             "none".into(),
         ];
         args.extend_from_slice(extra);
+        if let Some(tls) = TLS.get() {
+            args.extend(path_arg("--tls-cert", &tls.node.cert));
+            args.extend(path_arg("--tls-key", &tls.node.key));
+            args.extend(path_arg("--tls-client-ca", &tls.ca));
+        }
         let mut node = Self {
             child: None,
             log: Default::default(),
@@ -228,7 +280,8 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        self.url = format!("http://{addr}");
+        let scheme = if TLS.get().is_some() { "https" } else { "http" };
+        self.url = format!("{scheme}://{addr}");
         self.child = Some(child);
         Ok(())
     }

@@ -30,6 +30,15 @@ pub type AgentClient = modelcache_proto::v1::agent_client::AgentClient<Channel>;
 
 /// Connects to the daemon listening on `listen` (`unix:///PATH` or `HOST:PORT`).
 pub async fn connect(listen: &str) -> Result<AgentClient, AgentError> {
+    connect_with(listen, None).await
+}
+
+/// Connects to the daemon listening on `listen`; over TLS with `tls` when it listens on
+/// TCP with `--tls-cert` (its certificate must name the host of `listen`).
+pub async fn connect_with(
+    listen: &str,
+    tls: Option<Arc<modelcache_proto::tls::ClientTls>>,
+) -> Result<AgentClient, AgentError> {
     let target: Listen = listen.parse().map_err(|detail| AgentError::Unreachable {
         addrs: listen.to_owned(),
         detail,
@@ -48,11 +57,14 @@ pub async fn connect(listen: &str) -> Result<AgentClient, AgentError> {
             .connect_with_connector(UnixConnector(Arc::new(path)))
             .await
             .map_err(unreachable)?,
-        Listen::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
+        Listen::Tcp(addr) => {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(unreachable)?;
+            match tls {
+                Some(tls) => endpoint.connect_with_connector(tls.connect(None)).await,
+                None => endpoint.connect().await,
+            }
             .map_err(unreachable)?
-            .connect()
-            .await
-            .map_err(unreachable)?,
+        }
     };
     Ok(AgentClient::new(channel))
 }

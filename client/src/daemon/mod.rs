@@ -57,8 +57,10 @@ pub struct Options {
     pub verify_rate: u64,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// The grants workers present one of (`--auth-tokens-file`); `None`: no tokens.
+    /// The grants workers present one of (`--auth-tokens-file`), and the TLS of a TCP
+    /// listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`); `None`: neither.
     pub tokens: Option<Arc<modelcache_proto::auth::Tokens>>,
+    pub tls: Option<Arc<modelcache_proto::tls::ServerTls>>,
 }
 
 /// A model present and verified locally, as `Ensure` returns it.
@@ -226,8 +228,8 @@ impl Daemon {
                     );
                     let this = self.clone();
                     let r = r.clone();
-                    // Runs to the end even when every caller went away.
-                    // The fetch belongs to the trace of the call that started it.
+                    // Runs to the end even when every caller went away, in the trace of
+                    // the call that started it.
                     let span = tracing::Span::current();
                     tokio::spawn(
                         async move { this.fly(r, counter, urgent, tx).await }.instrument(span),
@@ -590,8 +592,7 @@ pub async fn run(
     let metrics_listen = options.metrics_listen;
     let daemon = Daemon::new(agent, options);
     let metrics = metrics::serve(metrics_listen, daemon.metrics.registry()).await?;
-    // Sizes of what is on disk at once (no re-hash before serving): incomplete copies
-    // are fetched again in the background.
+    // Sizes at once (no re-hash before serving): incomplete copies are fetched again.
     let incomplete: Vec<Reference> = {
         let layout = layout.clone();
         tokio::task::spawn_blocking(move || {
@@ -631,20 +632,12 @@ pub async fn run(
     ];
     tracing::info!(%address, dir = %layout.root().display(), "cache-agent daemon serving");
     ready(&address);
-    let served = service::serve(daemon, acceptor.incoming(bound), shutdown_signal()).await;
+    let incoming = acceptor.incoming(bound, daemon.options.tls.clone());
+    let served = service::serve(daemon, incoming, service::shutdown_signal()).await;
     // Every task stops and is waited for before the daemon exits.
     for t in tasks.into_iter().chain(metrics) {
         t.abort();
         let _ = t.await;
     }
     served
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-    }
 }

@@ -262,6 +262,11 @@ pub async fn serve(
     let watch = tokens
         .clone()
         .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, super::auth::CHECK_EVERY)));
+    let certificates = daemon
+        .options
+        .tls
+        .clone()
+        .map(|t| tokio::spawn(modelcache_proto::tls::watch(t, super::auth::CHECK_EVERY)));
     let served = tonic::transport::Server::builder()
         .layer(super::auth::RequireToken(tokens))
         .add_service(health)
@@ -271,9 +276,19 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| daemon_error(format!("serving: {e}")));
-    if let Some(watch) = watch {
+    for watch in watch.into_iter().chain(certificates) {
         watch.abort();
         let _ = watch.await;
     }
     served
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+    }
 }

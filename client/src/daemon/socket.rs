@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures::Stream;
+use modelcache_proto::tls::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tonic::transport::server::Connected;
@@ -151,44 +152,67 @@ impl Acceptor {
         }
     }
 
-    /// The accepted connections of a bound listener, for `serve_with_incoming`. Accept
-    /// errors (e.g. out of file descriptors) are logged and retried, never fatal.
+    /// The accepted connections of a bound listener, for `serve_with_incoming`, through
+    /// TLS handshakes when `tls` is given. Accept errors (e.g. out of file descriptors) are
+    /// logged and retried, never fatal.
     pub fn incoming(
         self,
         listener: Bound,
+        tls: Option<Arc<ServerTls>>,
     ) -> Pin<Box<dyn Stream<Item = io::Result<Tracked<Conn>>> + Send>> {
+        use futures::StreamExt;
         let this = Arc::new(self);
-        Box::pin(futures::stream::unfold(
-            (this, Arc::new(listener)),
-            |(this, listener)| async move {
-                loop {
-                    let accepted = match &listener.socket {
-                        Socket::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
-                        Socket::Tcp(l) => l.accept().await.map(|(s, _)| {
-                            let _ = s.set_nodelay(true);
-                            Conn::Tcp(s)
-                        }),
-                    };
-                    match accepted {
-                        Ok(conn) => {
-                            let tracked = this.track(conn);
-                            return Some((Ok(tracked), (this, listener)));
-                        }
-                        Err(e) => {
-                            tracing::warn!("accepting a connection: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        }
+        let accepted = futures::stream::unfold(Arc::new(listener), |listener| async move {
+            loop {
+                let accepted = match &listener.socket {
+                    Socket::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+                    Socket::Tcp(l) => l.accept().await.map(|(s, _)| {
+                        let _ = s.set_nodelay(true);
+                        Conn::Tcp(s)
+                    }),
+                };
+                match accepted {
+                    Ok(conn) => return Some((Ok(conn), listener)),
+                    Err(e) => {
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 }
-            },
-        ))
+            }
+        });
+        let conns: Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>> = match tls {
+            Some(tls) => Box::pin(
+                modelcache_proto::tls::incoming(accepted, tls, TLS_HANDSHAKE)
+                    .map(|c| c.map(|c| Conn::Tls(Box::new(c)))),
+            ),
+            None => Box::pin(accepted),
+        };
+        Box::pin(conns.map(move |c| c.map(|c| this.track(c))))
     }
 }
+
+/// Longest a TLS handshake may take.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A connection on either kind of listener.
 pub enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    /// A TCP connection made TLS (`daemon --tls-cert`).
+    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+impl Connected for Conn {
+    /// The client's address, on TCP.
+    type ConnectInfo = Option<std::net::SocketAddr>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Unix(_) => None,
+            Conn::Tcp(s) => s.peer_addr().ok(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
 }
 
 impl AsyncRead for Conn {
@@ -200,6 +224,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -213,6 +238,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -220,6 +246,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Unix(s) => Pin::new(s).poll_flush(cx),
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -227,6 +254,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

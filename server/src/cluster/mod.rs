@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use modelcache_proto::auth::WithToken;
+use modelcache_proto::tls::ClientTls;
 use modelcache_proto::v1::model_cache_client::ModelCacheClient;
 use modelcache_proto::v1::{MembersRequest, MembersResponse};
 use modelcache_proto::wire::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
@@ -51,10 +52,22 @@ pub struct ClusterOptions {
     pub peer_timeout: Duration,
     /// The `authorization` header this node presents to its peers (`--peer-token-file`).
     pub token: Option<http::HeaderValue>,
+    /// TLS towards peers (this node's certificate, theirs checked against its client CA);
+    /// `None`: plaintext.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// Longest wait between probes of an address that keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The host of a `--peers` entry (`host:port`, `[v6]:port`): the name a peer's
+/// certificate must carry.
+fn host_of(entry: &str) -> String {
+    let host = entry.rsplit_once(':').map_or(entry, |(host, _)| host);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
 
 /// One member as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,16 +213,16 @@ impl Cluster {
         let mut seen = Vec::new();
         for entry in &self.options.peers {
             match tokio::net::lookup_host(entry.as_str()).await {
-                Ok(addrs) => seen.extend(addrs),
+                Ok(addrs) => seen.extend(addrs.map(|addr| (addr, host_of(entry)))),
                 Err(e) => tracing::warn!(peer = %entry, "cannot resolve peer: {e}"),
             }
         }
         let due: Vec<SocketAddr> = {
             let mut targets = self.targets.lock().expect("cluster lock poisoned");
-            targets.retain(|addr, _| seen.contains(addr));
-            for addr in &seen {
+            targets.retain(|addr, _| seen.iter().any(|(a, _)| a == addr));
+            for (addr, host) in &seen {
                 if !targets.contains_key(addr) {
-                    match self.target(*addr) {
+                    match self.target(*addr, host) {
                         Ok(target) => {
                             targets.insert(*addr, target);
                         }
@@ -244,8 +257,9 @@ impl Cluster {
         futures::future::join_all(probes).await;
     }
 
-    fn target(&self, addr: SocketAddr) -> Result<Target> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+    /// A peer at `addr`, listed as `host`: over TLS, its certificate must name `host`.
+    fn target(&self, addr: SocketAddr, host: &str) -> Result<Target> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Config(format!("peer address {addr}: {e}")))?
             .connect_timeout(self.options.peer_timeout)
             .initial_stream_window_size(STREAM_WINDOW)
@@ -255,8 +269,11 @@ impl Cluster {
             // A peer that dies under a long request (a variant build) is noticed by a
             // missed ping.
             .http2_keep_alive_interval(self.options.peer_timeout)
-            .keep_alive_timeout(self.options.peer_timeout)
-            .connect_lazy();
+            .keep_alive_timeout(self.options.peer_timeout);
+        let channel = match &self.options.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.connect(Some(host.to_owned()))),
+            None => endpoint.connect_lazy(),
+        };
         Ok(Target {
             channel,
             id: None,
@@ -267,6 +284,24 @@ impl Cluster {
             next_probe: Instant::now(),
             peer: None,
         })
+    }
+
+    /// A connection to the member advertising `address` (`host:port`), over TLS when the
+    /// node calls its peers so.
+    pub async fn dial(&self, address: &str) -> std::result::Result<Channel, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("not an address: {e}"))?
+            .connect_timeout(self.options.peer_timeout);
+        match &self.options.tls {
+            Some(tls) => endpoint.connect_with_connector(tls.connect(None)).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| format!("cannot reach the member: {}", crate::error::error_chain(&e)))
+    }
+
+    /// The TLS the node calls its peers with, if any.
+    pub fn tls(&self) -> Option<&Arc<ClientTls>> {
+        self.options.tls.as_ref()
     }
 
     /// A health check; and, when `identify`, the peer's own entry of `Members`.
