@@ -99,10 +99,31 @@ fn every_variable_and_flag_the_manifests_set_is_read() {
                 headless["spec"]["publishNotReadyAddresses"].as_bool(),
                 Some(true)
             );
-            assert_eq!(
-                c["readinessProbe"]["grpc"]["service"].as_str(),
-                Some("modelcache.v1.ModelCache")
+            // Probes over the plain-HTTP metrics port (the gRPC port may require client
+            // certificates): a named port the node listens on.
+            let metrics_port = c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "metrics")
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{file}: cache-node has no metrics port"));
+            let metrics_listen = c["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "CACHE_NODE_METRICS_LISTEN")
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_else(|| panic!("{file}: cache-node serves no metrics"));
+            assert!(
+                metrics_listen.ends_with(&format!(":{metrics_port}")),
+                "{file}: metrics port {metrics_port}, node listens on {metrics_listen}"
             );
+            for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+                let get = &c[probe]["httpGet"];
+                assert_eq!(get["port"].as_str(), Some("metrics"), "{file}: {probe}");
+                assert_eq!(get["path"].as_str(), Some(path), "{file}: {probe}");
+            }
         }
     }
     assert!(checked >= 8, "only {checked} variables checked");
