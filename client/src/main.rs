@@ -95,13 +95,7 @@ fn client_tls(
     if ca.is_none() && cert.is_none() && !https {
         return Ok(None);
     }
-    let identity = match (cert, key) {
-        (Some(cert), Some(key)) => Some(modelcache_proto::tls::Identity {
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        _ => None,
-    };
+    let identity = modelcache_proto::tls::Identity::of(cert.as_ref(), key.as_ref());
     modelcache_proto::tls::ClientTls::load(ca.clone(), identity)
         .map(Some)
         .map_err(|e| AgentError::Config {
@@ -251,10 +245,7 @@ async fn daemon(agent: Agent, args: DaemonArgs) -> Result<(), AgentError> {
     }
     // Certificates the daemon calls nodes with are read again when they change, too.
     if let Some(tls) = agent.credentials().tls.clone() {
-        tokio::spawn(modelcache_proto::tls::watch(
-            tls,
-            std::time::Duration::from_secs(1),
-        ));
+        tokio::spawn(modelcache_proto::tls::watch(tls));
     }
     cache_agent::daemon::run(agent, options, |address| out!("{address}")).await
 }
@@ -265,12 +256,8 @@ fn daemon_tls(
     key: &Option<std::path::PathBuf>,
     client_ca: &Option<std::path::PathBuf>,
 ) -> Result<Option<std::sync::Arc<modelcache_proto::tls::ServerTls>>, AgentError> {
-    let (Some(cert), Some(key)) = (cert, key) else {
+    let Some(identity) = modelcache_proto::tls::Identity::of(cert.as_ref(), key.as_ref()) else {
         return Ok(None);
-    };
-    let identity = modelcache_proto::tls::Identity {
-        cert: cert.clone(),
-        key: key.clone(),
     };
     modelcache_proto::tls::ServerTls::load(identity, client_ca.clone())
         .map(Some)

@@ -282,12 +282,13 @@ pub fn authorize(
     }
 }
 
-/// Reads the tokens file again whenever it changes (checked every `every`) until the task
+/// Reads the tokens file again whenever it changes (checked every
+/// [`FILES_CHECKED_EVERY`](crate::FILES_CHECKED_EVERY)) until the task
 /// is dropped: a token removed from it is refused from the next call on; a file that no
 /// longer parses is logged and the grants read before stay in force.
-pub async fn watch(tokens: Arc<Tokens>, every: std::time::Duration) {
+pub async fn watch(tokens: Arc<Tokens>) {
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(crate::FILES_CHECKED_EVERY).await;
         match tokens.reload_if_changed() {
             Ok(true) => tracing::info!(file = %tokens.path().display(), "tokens file read again"),
             Ok(false) => {}

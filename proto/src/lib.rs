@@ -33,6 +33,10 @@ pub mod v1 {
         include_bytes!(concat!(env!("OUT_DIR"), "/modelcache_descriptor.bin"));
 }
 
+/// How often nodes and daemons look at their tokens file and TLS files for changes: a
+/// rotated token or certificate takes effect within this long.
+pub const FILES_CHECKED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// HTTP/2 and gRPC sizes both ends of a `Fetch` use. hyper's defaults (a 64 KiB window,
 /// 16 KiB frames) stall a bulk stream on every round trip and cost the receiver a wake-up
 /// per 16 KiB.

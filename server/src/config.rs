@@ -460,12 +460,8 @@ impl Config {
     /// against the client CA. `None` when it serves plaintext.
     #[allow(clippy::type_complexity)]
     pub fn tls(&self) -> Result<Option<(Arc<ServerTls>, Option<Arc<ClientTls>>)>> {
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+        let Some(identity) = Identity::of(self.tls_cert.as_ref(), self.tls_key.as_ref()) else {
             return Ok(None);
-        };
-        let identity = Identity {
-            cert: cert.clone(),
-            key: key.clone(),
         };
         let server = ServerTls::load(identity.clone(), self.tls_client_ca.clone())
             .map_err(|e| Error::Config(format!("--tls-cert: {e}")))?;

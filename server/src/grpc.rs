@@ -30,9 +30,6 @@ pub struct Admission {
     pub shutdown_grace: Duration,
 }
 
-/// How often the tokens file and the TLS files are checked for changes.
-const TOKENS_CHECK: Duration = Duration::from_secs(1);
-
 /// How long connections may stay open after the grace, once their streams were ended
 /// (a call waiting on something else, like a variant build, is cut then).
 const AFTER_GRACE: Duration = Duration::from_secs(5);
@@ -70,7 +67,7 @@ pub async fn serve(
     let tokens_watch = gate
         .tokens
         .clone()
-        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, TOKENS_CHECK)));
+        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t)));
     let certificates: Vec<Arc<dyn tls::Reload>> = [
         gate.tls.clone().map(|t| t as Arc<dyn tls::Reload>),
         cluster.tls().cloned().map(|t| t as Arc<dyn tls::Reload>),
@@ -80,7 +77,7 @@ pub async fn serve(
     .collect();
     let certificates_watch = certificates
         .into_iter()
-        .map(|t| tokio::spawn(tls::watch(t, TOKENS_CHECK)));
+        .map(|t| tokio::spawn(tls::watch(t)));
     let tokens_watch: Vec<_> = tokens_watch.into_iter().chain(certificates_watch).collect();
     if let Some(tls) = &gate.tls {
         tracing::info!(

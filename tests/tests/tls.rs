@@ -30,25 +30,35 @@ fn client(ca: &Path, cert: Option<&Issued>) -> Arc<ClientTls> {
     ClientTls::load(Some(ca.to_path_buf()), cert.map(identity)).unwrap()
 }
 
-/// A prefetch of `reference` from `url` into a new directory, with `tls`.
+/// A prefetch of the model "m" from `url` into a new directory, with `tls`.
 async fn prefetch(
     sandbox: &Sandbox,
     url: &str,
     tls: Option<Arc<ClientTls>>,
-    reference: &str,
 ) -> Result<cache_agent::Fetched, AgentError> {
     let mut agent = cache_agent::Agent::new(vec![url.to_owned()], sandbox.dir()).with_direct(true);
     if let Some(tls) = tls {
         agent = agent.with_tls(tls);
     }
     agent
-        .prefetch(&Reference::parse(reference).unwrap(), &Progress::hidden())
+        .prefetch(&Reference::parse("m").unwrap(), &Progress::hidden())
         .await
+}
+
+/// Prefetches "m" and checks every file of it against `files`, byte for byte.
+async fn prefetch_intact(
+    sandbox: &Sandbox,
+    url: &str,
+    tls: Option<Arc<ClientTls>>,
+    files: &ModelFiles,
+) {
+    let fetched = prefetch(sandbox, url, tls).await.unwrap();
+    assert_same_files(&fetched.path, files);
 }
 
 /// The error of a prefetch that must fail to connect, as text.
 async fn refused(sandbox: &Sandbox, url: &str, tls: Option<Arc<ClientTls>>) -> String {
-    match prefetch(sandbox, url, tls, "m").await {
+    match prefetch(sandbox, url, tls).await {
         Err(e @ (AgentError::Unreachable { .. } | AgentError::Unavailable { .. })) => e.to_string(),
         other => panic!("expected a failed connection to {url}: {other:?}"),
     }
@@ -77,15 +87,13 @@ async fn mutual_tls_admits_only_current_certificates_the_client_ca_signed() {
     assert!(node.url.starts_with("https://"), "{}", node.url);
 
     // The right CA and a current certificate it signed: the model, byte for byte.
-    let fetched = prefetch(
+    prefetch_intact(
         &sandbox,
         &node.url,
         Some(client(&ca.cert, Some(&good))),
-        "m",
+        &files,
     )
-    .await
-    .unwrap();
-    assert_same_files(&fetched.path, &files);
+    .await;
 
     // No certificate, one from another CA, an expired one: the node refuses each in the
     // handshake, and the agent says it was refused for its certificate.
@@ -112,15 +120,13 @@ async fn mutual_tls_admits_only_current_certificates_the_client_ca_signed() {
     assert!(error.contains("https://"), "{error}");
 
     // The node kept serving the good client throughout.
-    let again = prefetch(
+    prefetch_intact(
         &sandbox,
         &node.url,
         Some(client(&ca.cert, Some(&good))),
-        "m",
+        &files,
     )
-    .await
-    .unwrap();
-    assert_same_files(&again.path, &files);
+    .await;
 
     // The CLI: global --ca, --cert and --key; without --cert it fails and says why.
     let out_dir = sandbox.dir();
@@ -158,10 +164,7 @@ async fn an_expired_server_certificate_and_https_to_plaintext_are_errors_that_sa
     let mut config = sandbox.node_config();
     tls_config(&mut config, &fresh, None);
     let node = TestNode::start(config).await;
-    let fetched = prefetch(&sandbox, &node.url, Some(client(&ca.cert, None)), "m")
-        .await
-        .unwrap();
-    assert_same_files(&fetched.path, &files);
+    prefetch_intact(&sandbox, &node.url, Some(client(&ca.cert, None)), &files).await;
 
     // `https://` against a plaintext node: never a downgrade, and the error says so.
     let plain = sandbox.node().await;
@@ -213,25 +216,13 @@ async fn certificates_and_the_client_ca_rotate_without_a_restart() {
     let node = TestNode::start(config).await;
     let old = || Some(client(&old_ca.cert, Some(&old_agent)));
     let new = || Some(client(&new_ca.cert, Some(&new_agent)));
-    assert_same_files(
-        &prefetch(&sandbox, &node.url, old(), "m")
-            .await
-            .unwrap()
-            .path,
-        &files,
-    );
+    prefetch_intact(&sandbox, &node.url, old(), &files).await;
 
     // A certificate file that no longer loads is reported; the node goes on with what it
     // loaded before.
     pki::write_atomically(&served.cert, b"-----BEGIN CERTIFICATE-----\ngarbage\n");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_same_files(
-        &prefetch(&sandbox, &node.url, old(), "m")
-            .await
-            .unwrap()
-            .path,
-        &files,
-    );
+    prefetch_intact(&sandbox, &node.url, old(), &files).await;
 
     // Rotation to the new CA: its certificate and key, and the new client CA.
     let renewed = new_ca.issue(&dir, "renewed", NAMES, Validity::Current);
@@ -239,7 +230,7 @@ async fn certificates_and_the_client_ca_rotate_without_a_restart() {
     pki::write_atomically(&client_ca, &std::fs::read(&new_ca.cert).unwrap());
     let mut rotated = false;
     for _ in 0..40 {
-        if prefetch(&sandbox, &node.url, new(), "m").await.is_ok() {
+        if prefetch(&sandbox, &node.url, new()).await.is_ok() {
             rotated = true;
             break;
         }
@@ -249,13 +240,7 @@ async fn certificates_and_the_client_ca_rotate_without_a_restart() {
         rotated,
         "the node did not take up the new certificates within 10 s"
     );
-    assert_same_files(
-        &prefetch(&sandbox, &node.url, new(), "m")
-            .await
-            .unwrap()
-            .path,
-        &files,
-    );
+    prefetch_intact(&sandbox, &node.url, new(), &files).await;
     // The old CA and its clients are out.
     let error = refused(&sandbox, &node.url, old()).await;
     assert!(error.contains("UnknownIssuer"), "{error}");
@@ -285,9 +270,7 @@ async fn peers_call_each_other_over_mutual_tls_and_an_untrusted_node_is_kept_out
     let other = usize::from(owner == "node-0");
     let tls = || Some(client(&ca.cert, Some(&agent_cert)));
     // The non-owner fills from the owner over TLS: the origin is read once.
-    let fetched = prefetch(&sandbox, &nodes[other].url, tls(), "m")
-        .await
-        .unwrap();
+    let fetched = prefetch(&sandbox, &nodes[other].url, tls()).await.unwrap();
     assert_same_files(&fetched.path, &files);
     assert_eq!(
         nodes[other].stats().origin_bytes,
@@ -329,7 +312,7 @@ async fn peers_call_each_other_over_mutual_tls_and_an_untrusted_node_is_kept_out
         "{members:?}"
     );
     assert_eq!(nodes[0].cluster.members().len(), 2);
-    let again = prefetch(&sandbox, &nodes[owner_index(owner)].url, tls(), "m")
+    let again = prefetch(&sandbox, &nodes[owner_index(owner)].url, tls())
         .await
         .unwrap();
     assert_same_files(&again.path, &files);

@@ -7,15 +7,11 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use modelcache_proto::auth::Tokens;
 use tonic::body::Body;
 use tonic::codegen::http;
-
-/// How often the tokens file is checked for changes.
-pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The layer that lets in only calls with a granted token (every call when `None`).
 #[derive(Clone)]

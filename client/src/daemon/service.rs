@@ -261,12 +261,12 @@ pub async fn serve(
     let tokens = daemon.options.tokens.clone();
     let watch = tokens
         .clone()
-        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t, super::auth::CHECK_EVERY)));
+        .map(|t| tokio::spawn(modelcache_proto::auth::watch(t)));
     let certificates = daemon
         .options
         .tls
         .clone()
-        .map(|t| tokio::spawn(modelcache_proto::tls::watch(t, super::auth::CHECK_EVERY)));
+        .map(|t| tokio::spawn(modelcache_proto::tls::watch(t)));
     let served = tonic::transport::Server::builder()
         .layer(super::auth::RequireToken(tokens))
         .add_service(health)

@@ -13,7 +13,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::client::WebPkiServerVerifier;
@@ -91,6 +90,17 @@ fn roots(pem: &[u8], path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 pub struct Identity {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl Identity {
+    /// The identity of a `--cert`/`--key` pair of options, when both are given (the
+    /// command lines require each with the other).
+    pub fn of(cert: Option<&PathBuf>, key: Option<&PathBuf>) -> Option<Identity> {
+        Some(Identity {
+            cert: cert?.clone(),
+            key: key?.clone(),
+        })
+    }
 }
 
 /// What a configuration was built from: the files and their contents when read.
@@ -174,11 +184,11 @@ pub trait Reload: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Reads `tls`'s files again whenever they change (checked every `every`) until the task
-/// is dropped.
-pub async fn watch(tls: Arc<dyn Reload>, every: Duration) {
+/// Reads `tls`'s files again whenever they change (checked every
+/// [`FILES_CHECKED_EVERY`](crate::FILES_CHECKED_EVERY)) until the task is dropped.
+pub async fn watch(tls: Arc<dyn Reload>) {
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(crate::FILES_CHECKED_EVERY).await;
         match tls.reload_if_changed() {
             Ok(true) => tracing::info!("{} read again", tls.describe()),
             Ok(false) => {}
